@@ -1,0 +1,37 @@
+"""Pure-PyTorch backbone: DINOv2's ViT with N registers, and official-checkpoint interop.
+
+Nothing here imports Lightning, Hydra or any other part of vitreg.
+"""
+
+from vitreg.models.attention import ATTN_BACKENDS, resolve_backend, xformers_available
+from vitreg.models.checkpoint import (
+    CheckpointMismatchError,
+    export_dinov2_state_dict,
+    extract_backbone_state_dict,
+    infer_vit_config,
+    load_backbone_weights,
+    load_dinov2_backbone,
+    save_dinov2_checkpoint,
+)
+from vitreg.models.config import VIT_SIZES, ViTConfig, vit_config
+from vitreg.models.pos_embed import interpolate_pos_embed
+from vitreg.models.vision_transformer import VisionTransformer, build_vit
+
+__all__ = [
+    "ATTN_BACKENDS",
+    "VIT_SIZES",
+    "CheckpointMismatchError",
+    "ViTConfig",
+    "VisionTransformer",
+    "build_vit",
+    "export_dinov2_state_dict",
+    "extract_backbone_state_dict",
+    "infer_vit_config",
+    "interpolate_pos_embed",
+    "load_backbone_weights",
+    "load_dinov2_backbone",
+    "resolve_backend",
+    "save_dinov2_checkpoint",
+    "vit_config",
+    "xformers_available",
+]

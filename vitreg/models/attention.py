@@ -1,0 +1,140 @@
+"""Multi-head self-attention with interchangeable kernels.
+
+Backends:
+- ``sdpa``: ``F.scaled_dot_product_attention`` (default; PyTorch picks flash / cuDNN / mem-efficient).
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` (DINOv2's training kernel); used only when
+  the optional extra is installed *and* the tensors are on CUDA, otherwise SDPA runs instead.
+- ``math``: an explicit ``softmax(q k^T / sqrt(d)) v`` that can also return the probabilities,
+  which the telemetry needs (fused kernels never materialise them).
+- ``auto``: xformers when installed and on CUDA (installing the extra is taken as opting in),
+  else SDPA.
+
+The resolved kernel is logged once per (requested, resolved) pair; a missing xformers never raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+AttnBackend = Literal["auto", "sdpa", "xformers", "math"]
+ATTN_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "xformers", "math")
+
+
+@functools.cache
+def xformers_available() -> bool:
+    """True when ``xformers.ops.memory_efficient_attention`` can be imported."""
+    try:
+        from xformers.ops import memory_efficient_attention  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising anything at import
+        return False
+    return True
+
+
+@functools.cache
+def _log_choice(requested: str, resolved: str, reason: str) -> None:
+    level = logging.WARNING if requested == "xformers" and resolved != "xformers" else logging.INFO
+    logger.log(level, "attention backend %r -> %r (%s)", requested, resolved, reason)
+
+
+def check_backend(name: str) -> str:
+    """Validate a backend name, raising a ValueError that lists the valid ones."""
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {list(ATTN_BACKENDS)}, got {name!r}")
+    return name
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The kernel that will actually run for ``requested`` on ``device``."""
+    if requested in ("sdpa", "math"):
+        return requested
+    if device.type != "cuda":
+        resolved, reason = "sdpa", f"xformers has no kernels for {device.type} tensors"
+    elif not xformers_available():
+        resolved, reason = "sdpa", "xformers is not installed (pip install -e .[xformers])"
+    else:
+        resolved, reason = "xformers", "installed and on CUDA"
+    _log_choice(requested, resolved, reason)
+    return resolved
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Explicit attention on (B, H, N, d) tensors; returns (output, probabilities (B, H, N, N))."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return probs @ v, probs
+
+
+def multihead_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """Attention on (B, N, H, d) tensors with a resolved backend; returns (B, N, H, d)."""
+    if backend == "xformers":
+        from xformers.ops import memory_efficient_attention
+
+        return memory_efficient_attention(q, k, v)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if backend == "math":
+        out, _ = math_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """DINOv2's attention: fused qkv projection (order B, N, 3, H, d), 1/sqrt(d) scale, output proj.
+
+    Parameter names (``qkv``, ``proj``) match DINOv2 so official state dicts load unchanged.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = check_backend(backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        return qkv.unbind(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, D) -> (B, N, D)."""
+        return self.forward_groups(x.reshape(-1, x.shape[-1]), [x.shape[:2]]).view_as(x)
+
+    def forward_groups(self, tokens: Tensor, groups: list[tuple[int, int]]) -> Tensor:
+        """Attention over several token groups packed into one (sum B_i*N_i, D) tensor.
+
+        The projections run once over all tokens; attention runs once per group (B_i, N_i), so
+        each image attends only to its own tokens. This is the multi-crop fast path.
+        """
+        backend = resolve_backend(self.backend, tokens.device)
+        qkv = self.qkv(tokens)
+        outs = []
+        for chunk, (b, n) in zip(qkv.split([b * n for b, n in groups]), groups, strict=True):
+            q, k, v = chunk.reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+            outs.append(multihead_attention(q, k, v, backend).reshape(b * n, -1))
+        return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+    def forward_with_probs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Math-path attention that also returns the probabilities (B, H, N, N)."""
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x))
+        out, probs = math_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(x.shape)), probs

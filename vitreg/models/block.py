@@ -1,0 +1,101 @@
+"""The pre-norm transformer block, run on one batch or on several crop groups packed together.
+
+Packed form: the tokens of every group (e.g. 2 global + 8 local crops at two resolutions) are one
+``(sum_i B_i * N_i, D)`` tensor, and ``groups`` lists each group's ``(B_i, N_i)``. Norms,
+projections and the FFN then run as single large GEMMs; attention runs once per group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vitreg.models.attention import Attention
+from vitreg.models.layers import LayerScale, make_ffn
+
+Groups = list[tuple[int, int]]
+
+
+def sample_subset(groups: Groups, drop_rate: float, device: torch.device) -> tuple[Tensor, Tensor, Groups]:
+    """DINOv2's batch-subset stochastic depth, per group: keep exactly ``max(int(B(1-p)), 1)`` samples.
+
+    Returns the packed row indices of the kept samples, the per-row residual scale ``B / kept``
+    and the kept groups.
+    """
+    rows, scales, kept_groups, offset = [], [], [], 0
+    for b, n in groups:
+        keep = max(int(b * (1 - drop_rate)), 1)
+        samples = torch.randperm(b, device=device)[:keep]
+        rows.append((offset + samples[:, None] * n + torch.arange(n, device=device)).reshape(-1))
+        scales.append(torch.full((keep * n,), b / keep, device=device))
+        kept_groups.append((keep, n))
+        offset += b * n
+    return torch.cat(rows), torch.cat(scales), kept_groups
+
+
+def per_sample_keep_mask(groups: Groups, drop_rate: float, like: Tensor) -> Tensor:
+    """Classic DropPath: one Bernoulli(1-p) draw per sample, scaled by 1/(1-p), repeated per token."""
+    keep = 1.0 - drop_rate
+    masks = [like.new_empty(b).bernoulli_(keep).div_(keep).repeat_interleave(n) for b, n in groups]
+    return torch.cat(masks)[:, None]
+
+
+class Block(nn.Module):
+    """``x = x + ls1(attn(norm1(x)))``, ``x = x + ls2(ffn(norm2(x)))`` with DINOv2's names and numerics.
+
+    Stochastic depth, as DINOv2 trains it: on packed groups (the multi-crop path) any rate > 0 uses
+    the batch-subset scheme per group; on a single batch, rates > 0.1 use the subset scheme and
+    rates in (0, 0.1] classic per-sample DropPath.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_layer: str,
+        ffn_hidden_dim: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        layerscale_init: float | None = 1e-5,
+        drop_path: float = 0.0,
+        attn_backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, backend=attn_backend)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = make_ffn(ffn_layer, dim, ffn_hidden_dim, ffn_bias)
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        return self.forward_packed(x.reshape(b * n, d), [(b, n)], nested=False).view(b, n, d)
+
+    def forward_packed(self, tokens: Tensor, groups: Groups, nested: bool = True) -> Tensor:
+        tokens = self._add_residual(tokens, groups, self._attn_residual, nested)
+        return self._add_residual(tokens, groups, self._ffn_residual, nested)
+
+    def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference forward through the math attention path; also returns probabilities (B, H, N, N)."""
+        out, probs = self.attn.forward_with_probs(self.norm1(x))
+        x = x + self.ls1(out)
+        return x + self.ls2(self.mlp(self.norm2(x))), probs
+
+    def _attn_residual(self, tokens: Tensor, groups: Groups) -> Tensor:
+        return self.ls1(self.attn.forward_groups(self.norm1(tokens), groups))
+
+    def _ffn_residual(self, tokens: Tensor, groups: Groups) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(tokens)))
+
+    def _add_residual(self, tokens: Tensor, groups: Groups, residual_fn, nested: bool) -> Tensor:
+        rate = self.drop_path if self.training else 0.0
+        if rate == 0.0:
+            return tokens + residual_fn(tokens, groups)
+        if nested or rate > 0.1:
+            rows, scale, kept = sample_subset(groups, rate, tokens.device)
+            residual = residual_fn(tokens[rows], kept).to(tokens.dtype) * scale[:, None].to(tokens.dtype)
+            return tokens.index_add(0, rows, residual)
+        return tokens + residual_fn(tokens, groups) * per_sample_keep_mask(groups, rate, tokens)

@@ -1,0 +1,254 @@
+"""A ViT numerically identical to DINOv2's ``DinoVisionTransformer``, with N registers.
+
+Token layout: ``[CLS, reg_1..reg_N, patch_1..patch_P]``. The positional embedding covers CLS and
+patches only; registers are inserted after it is added, so they carry no position (Darcet et al.).
+Parameter names equal DINOv2's hub layout, so official state dicts map one to one
+(see ``vitreg.models.checkpoint``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vitreg.models.block import Block
+from vitreg.models.config import ViTConfig, vit_config
+from vitreg.models.layers import PatchEmbed
+from vitreg.models.pos_embed import interpolate_pos_embed
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim = self.num_features = cfg.embed_dim
+        self.patch_size = cfg.patch_size
+        self.num_register_tokens = cfg.num_register_tokens
+        self.n_blocks = cfg.depth
+        dim, regs = cfg.embed_dim, cfg.num_register_tokens
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid_size**2, dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, regs, dim)) if regs else None
+        self.register_pos_embed = nn.Parameter(torch.zeros(1, regs, dim)) if regs and cfg.register_pos_embed else None
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                cfg.num_heads,
+                cfg.ffn_layer,
+                cfg.hidden_dim,
+                cfg.qkv_bias,
+                cfg.proj_bias,
+                cfg.ffn_bias,
+                cfg.layerscale_init,
+                rate,
+                cfg.attn_backend,
+            )
+            for rate in cfg.drop_path_rates()
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Identity()
+        # (1, D) like DINOv2; replaces masked patch embeddings; never re-initialised.
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.init_weights()
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS + registers: the tokens before the patches."""
+        return 1 + self.num_register_tokens
+
+    def init_weights(self) -> None:
+        """DINOv2's init: pos trunc-normal 0.02, CLS/registers N(0, 1e-6), Linear trunc-normal 0.02.
+
+        The patch-embedding Conv2d keeps PyTorch's default init, LayerNorms ones/zeros, LayerScale
+        its constant, mask_token zeros: all exactly as DINOv2 leaves them.
+        """
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        if self.register_pos_embed is not None:
+            nn.init.trunc_normal_(self.register_pos_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------- tokens
+    def _check_images(self, x: Tensor) -> tuple[int, int]:
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"expected images of shape (B, C, H, W), got {got}")
+        _, c, h, w = x.shape
+        p = self.patch_size
+        if c != self.cfg.in_chans:
+            raise ValueError(f"expected {self.cfg.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+        if h % p or w % p:
+            raise ValueError(
+                f"image sides must be multiples of patch_size {p}, got {h}x{w}; "
+                f"nearest valid size: {max(p, round(h / p) * p)}x{max(p, round(w / p) * p)}"
+            )
+        return h // p, w // p
+
+    def _check_masks(self, masks: Tensor | None, batch: int, num_patches: int) -> None:
+        if masks is None:
+            return
+        expected = (batch, num_patches)
+        if not isinstance(masks, Tensor) or tuple(masks.shape) != expected or masks.dtype != torch.bool:
+            got = f"{tuple(masks.shape)} {masks.dtype}" if isinstance(masks, Tensor) else type(masks).__name__
+            raise ValueError(f"masks must be a bool tensor of shape (B, num_patches) = {expected}, got {got}")
+
+    def interpolate_pos_encoding(self, grid_hw: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """Positional table for a ``(h, w)`` patch grid: the stored one if it matches, else resampled."""
+        side = self.cfg.grid_size
+        if grid_hw == (side, side):
+            return self.pos_embed  # DINOv2 returns the table itself, in its own dtype
+        resized = interpolate_pos_embed(self.pos_embed, grid_hw, antialias=self.cfg.antialias, offset=self.cfg.offset)
+        return resized.to(dtype)
+
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) -> tokens (B, 1 + R + h*w, D)."""
+        grid_hw = self._check_images(x)
+        tokens = self.patch_embed(x)
+        self._check_masks(masks, tokens.shape[0], tokens.shape[1])
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
+        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(grid_hw, tokens.dtype)
+        if self.register_tokens is None:
+            return tokens
+        registers = self.register_tokens
+        if self.register_pos_embed is not None:
+            registers = registers + self.register_pos_embed
+        registers = registers.expand(tokens.shape[0], -1, -1)
+        return torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
+
+    def _split_outputs(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
+        x_norm = self.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : r + 1],
+            "x_norm_patchtokens": x_norm[:, r + 1 :],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    # ---------------------------------------------------------------- forward
+    def forward_features(
+        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None
+    ) -> dict[str, Tensor | None] | list[dict[str, Tensor | None]]:
+        """DINOv2's outputs for a batch, or a list of them for a list of batches (multi-crop)."""
+        if isinstance(x, (list, tuple)):
+            return self.forward_features_list(list(x), masks)
+        tokens = self.prepare_tokens_with_masks(x, masks)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self._split_outputs(tokens, masks)
+
+    def forward_features_list(
+        self, xs: list[Tensor], masks: list[Tensor | None] | None = None
+    ) -> list[dict[str, Tensor | None]]:
+        """Several batches at different resolutions (e.g. 2 global + 8 local crops) in one pass.
+
+        Tokens of all batches are packed so norms, projections and FFNs run once; attention runs
+        once per batch. Outputs equal running each batch separately (up to float rounding).
+        """
+        if not xs:
+            raise ValueError("forward_features_list needs at least one batch of images")
+        masks = [None] * len(xs) if masks is None else list(masks)
+        if len(masks) != len(xs):
+            raise ValueError(f"got {len(xs)} image batches but {len(masks)} masks; pass one per batch (or None)")
+        per_batch = [self.prepare_tokens_with_masks(x, m) for x, m in zip(xs, masks, strict=True)]
+        groups = [(t.shape[0], t.shape[1]) for t in per_batch]
+        packed = torch.cat([t.reshape(-1, self.embed_dim) for t in per_batch])
+        for blk in self.blocks:
+            packed = blk.forward_packed(packed, groups)
+        outs = packed.split([b * n for b, n in groups])
+        return [self._split_outputs(out.view(b, n, -1), m) for out, (b, n), m in zip(outs, groups, masks, strict=True)]
+
+    def forward(
+        self, x: Tensor | list[Tensor], masks: Tensor | list | None = None, is_training: bool = False
+    ) -> Tensor | dict | list[dict]:
+        """DINOv2 semantics: the output dict(s) when ``is_training``, else the normalised CLS token."""
+        out = self.forward_features(x, masks)
+        if is_training:
+            return out
+        return self.head(out["x_norm_clstoken"])
+
+    def _block_indices(self, n: int | Sequence[int]) -> list[int]:
+        depth = len(self.blocks)
+        if isinstance(n, int):
+            if not 1 <= n <= depth:
+                raise ValueError(f"n={n}: can take the last 1..{depth} blocks of this {depth}-block model")
+            return list(range(depth - n, depth))
+        indices = []
+        for i in n:
+            if not -depth <= i < depth:
+                raise ValueError(f"block index {i} out of range for a {depth}-block model")
+            indices.append(i % depth)
+        return indices
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+        return_register_tokens: bool = False,
+    ) -> tuple:
+        """Outputs of the last ``n`` blocks (or of the given block indices), like DINOv2's.
+
+        Patch tokens never include registers. Each element is the patch tensor (B, P, D) — or
+        (B, D, h, w) with ``reshape`` — or a tuple ``(patches, cls[, registers])`` when
+        ``return_class_token`` / ``return_register_tokens`` ask for more.
+        """
+        wanted = self._block_indices(n)
+        h, w = self._check_images(x)
+        tokens = self.prepare_tokens_with_masks(x)
+        taken = {}
+        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
+            tokens = blk(tokens)
+            if i in wanted:
+                taken[i] = tokens
+        outputs = [self.norm(taken[i]) if norm else taken[i] for i in wanted]
+        r = self.num_register_tokens
+        results = []
+        for out in outputs:
+            patches = out[:, 1 + r :]
+            if reshape:
+                patches = patches.reshape(out.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+            extra = ([out[:, 0]] if return_class_token else []) + (
+                [out[:, 1 : 1 + r]] if return_register_tokens else []
+            )
+            results.append((patches, *extra) if extra else patches)
+        return tuple(results)
+
+    @torch.no_grad()
+    def get_attention_maps(self, x: Tensor, blocks: int | Sequence[int] = -1) -> dict[int, Tensor]:
+        """Attention probabilities (B, heads, T, T) of the given blocks (default: the last), over all
+        tokens ``[CLS, registers, patches]``. Those blocks run the math path; the rest run as configured.
+        """
+        wanted = set(self._block_indices([blocks] if isinstance(blocks, int) else blocks))
+        tokens = self.prepare_tokens_with_masks(x)
+        maps = {}
+        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
+            if i in wanted:
+                tokens, maps[i] = blk.forward_with_attention(tokens)
+            else:
+                tokens = blk(tokens)
+        return maps
+
+
+def build_vit(name: str | ViTConfig, **overrides) -> VisionTransformer:
+    """``build_vit("vitl", num_register_tokens=4)``, or from a ``ViTConfig``."""
+    if isinstance(name, ViTConfig):
+        if overrides:
+            raise ValueError("pass overrides either in the ViTConfig or as keywords with a size name, not both")
+        return VisionTransformer(name)
+    return VisionTransformer(vit_config(name, **overrides))
