@@ -40,6 +40,10 @@ class CheckpointMismatchError(ValueError):
     """A state dict that does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 
+def _read(source: str | PathLike | Mapping) -> Mapping:
+    return load_checkpoint_file(source) if isinstance(source, (str, PathLike)) else source
+
+
 def load_checkpoint_file(path: str | PathLike) -> Mapping:
     """``torch.load`` on CPU with ``weights_only=True``: tensors and plain containers, never code."""
     try:
@@ -53,12 +57,10 @@ def load_checkpoint_file(path: str | PathLike) -> Mapping:
         ) from err
 
 
-def _clean_key(key: str) -> str:
+def _unwrap_key(key: str) -> str:
     for part in _WRAPPER_PARTS:
         key = key.replace(part, "")
-    if key.startswith("module."):
-        key = key[len("module.") :]
-    return _CHUNKED_BLOCK.sub(r"blocks.\2.", key)
+    return key[len("module.") :] if key.startswith("module.") else key
 
 
 def extract_backbone_state_dict(
@@ -79,11 +81,12 @@ def extract_backbone_state_dict(
         state = checkpoint["model"]
     elif isinstance(checkpoint.get("state_dict"), Mapping):
         state = checkpoint["state_dict"]
-    cleaned = {_clean_key(k): v for k, v in state.items() if isinstance(v, Tensor)}
+    cleaned = {_unwrap_key(k): v for k, v in state.items() if isinstance(v, Tensor)}
     for prefix in prefixes:
         if any(k.startswith(prefix) for k in cleaned):
             cleaned = {k[len(prefix) :]: v for k, v in cleaned.items() if k.startswith(prefix)}
             break
+    cleaned = {_CHUNKED_BLOCK.sub(r"blocks.\2.", k): v for k, v in cleaned.items()}
     missing = [k for k in _REQUIRED if k not in cleaned]
     if missing:
         sample = ", ".join(sorted(cleaned)[:8]) or "(no tensors)"
@@ -153,13 +156,17 @@ def describe(cfg: ViTConfig) -> str:
 def check_state_dict_fits(model: VisionTransformer, state_dict: Mapping[str, Tensor]) -> None:
     """Raise CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = sorted(
+
+    def top_level_first(key: str) -> tuple[bool, str]:  # cls/pos/patch keys tell the story fastest
+        return key.startswith("blocks."), key
+
+    missing = sorted(set(expected) - set(state_dict), key=top_level_first)
+    unexpected = sorted(set(state_dict) - set(expected), key=top_level_first)
+    shapes = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state_dict)
+        for k in sorted(set(expected) & set(state_dict), key=top_level_first)
         if state_dict[k].shape != expected[k].shape
-    )
+    ]
     if not (missing or unexpected or shapes):
         return
     lines = [f"checkpoint does not fit the model ({describe(model.cfg)})."]
@@ -182,7 +189,7 @@ def load_backbone_weights(
     which: Literal["teacher", "student"] = "teacher",
 ) -> VisionTransformer:
     """Load an official checkpoint (file or mapping, any layout) into ``model`` with strict checks."""
-    checkpoint = source if isinstance(source, Mapping) else load_checkpoint_file(source)
+    checkpoint = _read(source)
     state_dict = extract_backbone_state_dict(checkpoint, which)
     check_state_dict_fits(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
@@ -198,7 +205,7 @@ def load_dinov2_backbone(
     ``interpolate_antialias``/``interpolate_offset``, ``num_heads`` for non-64-dim heads) or
     assert architecture (a contradiction fails the strict check with the list of keys).
     """
-    checkpoint = source if isinstance(source, Mapping) else load_checkpoint_file(source)
+    checkpoint = _read(source)
     state_dict = extract_backbone_state_dict(checkpoint, which)
     model = VisionTransformer(infer_vit_config(state_dict, **overrides))
     return load_backbone_weights(model, state_dict)
