@@ -3,6 +3,7 @@
 Needs a checkout of facebookresearch/dinov2 (not a dependency of vitreg; nothing of it is copied):
 
     python scripts/check_dinov2_parity.py --dinov2-repo /path/to/dinov2 [--arch vit_small]
+    python scripts/check_dinov2_parity.py --dinov2-repo /path/to/dinov2 --arch vit_large --registers 4 --ffn mlp
 
 For each configuration it builds the official ``DinoVisionTransformer`` (its own random init),
 converts its state dict with vitreg's loader (hub and chunked layouts), and compares
@@ -54,6 +55,9 @@ def main() -> int:
     parser.add_argument("--arch", default="vit_small", help="official arch function (vit_small, vit_base, …)")
     parser.add_argument("--atol", type=float, default=1e-5)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--registers", type=int, nargs="+", default=[0, 4])
+    parser.add_argument("--ffn", nargs="+", default=["mlp", "swiglufused"], help="official ffn_layer values")
+    parser.add_argument("--block-chunks", type=int, nargs="+", default=[0, 4])
     args = parser.parse_args()
 
     sys.path.insert(0, args.dinov2_repo)
@@ -64,9 +68,9 @@ def main() -> int:
     torch.manual_seed(0)
     worst, failures = 0.0, 0
     print(f"{'config':44s} {'size':>9s} {'masks':>5s}  max|diff|")
-    for registers in (0, 4):
-        for ffn in ("mlp", "swiglufused"):
-            for block_chunks in (0, 4):
+    for registers in args.registers:
+        for ffn in args.ffn:
+            for block_chunks in args.block_chunks:
                 ref = official_model(vits, args.arch, registers, ffn, block_chunks)
                 ours = load_dinov2_backbone(ref.state_dict()).eval()
                 if block_chunks == 0:  # export must give back the official file exactly

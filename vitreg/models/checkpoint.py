@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vitreg.models.config import ViTConfig, size_name, vit_config
+from vitreg.models.config import ViTConfig, size_name
 from vitreg.models.layers import ffn_hidden_dim
 from vitreg.models.vision_transformer import VisionTransformer
 from vitreg.utils.io import atomic_torch_save
@@ -139,10 +139,7 @@ def infer_vit_config(state_dict: Mapping[str, Tensor], **overrides) -> ViTConfig
     merged = {**inferred, **overrides}
     if merged["num_heads"] is None:
         raise ValueError(f"embed_dim {dim} is not a multiple of {DINOV2_HEAD_DIM}: pass num_heads= explicitly")
-    name = size_name(ViTConfig(**{k: merged[k] for k in ("embed_dim", "depth", "num_heads")}))
-    base = vit_config(name) if name else ViTConfig()
-    fields = {**vars(base), **merged}
-    return ViTConfig(**fields)
+    return ViTConfig(**merged)
 
 
 def describe(cfg: ViTConfig) -> str:

@@ -209,8 +209,8 @@ class VisionTransformer(nn.Module):
         ``return_class_token`` / ``return_register_tokens`` ask for more.
         """
         wanted = self._block_indices(n)
-        h, w = self._check_images(x)
-        tokens = self.prepare_tokens_with_masks(x)
+        tokens = self.prepare_tokens_with_masks(x)  # validates x
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         taken = {}
         for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
             tokens = blk(tokens)
