@@ -154,6 +154,7 @@ class Payload:
         return (print, ("executed",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_files_with_pickled_code_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
