@@ -1,0 +1,276 @@
+"""Structured configs for ``train/pretrain.py``: one dataclass per Hydra config group.
+
+Registered in Hydra's ConfigStore as ``pretrain_schema``, so a misspelled key or a wrong type
+fails when the config is composed, naming the key. ``validate_config`` then checks the
+combinations that cannot work, before any model is built. Defaults are DINOv2's
+(``ssl_default_config.yaml``, shared/reference/dinov2.md §4.1); the YAML files in ``conf/``
+choose between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+from vitreg.models.config import VIT_SIZES
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (student and teacher). ``num_register_tokens`` follows the top-level ``registers``."""
+
+    arch: str = "vitl"  # vitt | vits | vitb | vitl | vitg
+    patch_size: int = 14
+    num_register_tokens: int = II("registers")
+    ffn_layer: str | None = None  # mlp | swiglu; None: the size's own (swiglu for vitg)
+    drop_path_rate: float = 0.3  # student only; the teacher never drops
+    drop_path_uniform: bool = True
+    layerscale_init: float | None = 1e-5
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    interpolate_antialias: bool | None = None  # None: on with registers (DINOv2 reg models), else off
+    interpolate_offset: float | None = None  # None: 0 with registers, else 0.1
+    register_pos_embed: bool = False  # ablation: learned positions for registers
+    attn_backend: str = "auto"  # auto | sdpa | xformers | math
+    pretrained_weights: str | None = None  # an official DINOv2 backbone file, loaded into the student
+
+
+@dataclass
+class AugmentConfig:
+    """DINOv2 multi-crop (``crops`` in DINOv2's config)."""
+
+    global_crops_size: int = 224
+    local_crops_size: int = 98  # DINOv2 uses 96 with patch 16 and 98 with patch 14
+    local_crops_number: int = 8
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    # DINOv2's GaussianBlur inverts its probability: effective 0.0 / 0.9 / 0.5 (global1 / global2 / local).
+    # "intended" gives the documented 1.0 / 0.1 / 0.5 instead.
+    blur_probabilities: str = "dinov2"
+    solarize_prob: float = 0.2
+
+
+@dataclass
+class HeadConfig:
+    loss_weight: float = 1.0
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+
+
+@dataclass
+class DinoConfig(HeadConfig):
+    koleo_loss_weight: float = 0.1
+
+
+@dataclass
+class IbotConfig(HeadConfig):
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+
+
+@dataclass
+class SSLConfig:
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    centering: str = "centering"  # centering | sinkhorn_knopp
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    on_nonfinite: str = "raise"  # raise | skip: what a NaN/inf loss does
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    official_epoch_length: int = 1250  # DINOv2's "epoch" is this many iterations, whatever the dataset
+    base_lr: float = 0.004  # for a global batch of 1024; scaled by scaling_rule
+    scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 | none
+    min_lr: float = 1.0e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per sub-module (backbone, each head); 0 disables
+    freeze_last_layer_epochs: int = 1
+    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = 0.9
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_images: int = 4096  # the training set (re-used every pass)
+    image_size: int = 112
+    num_classes: int = 10
+    knn_train_images: int = 1000  # held-out sets for the before/after kNN check
+    knn_val_images: int = 500
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    batch_size_per_device: int = 64
+    num_workers: int = 4
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None  # None: bf16-mixed on GPU, 32-true on CPU
+    max_steps: int | None = None  # None: optim.epochs × optim.official_epoch_length
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class WandbConfig:
+    project: str = "vitreg"
+    entity: str | None = None
+    mode: str = "online"  # online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"  # csv | wandb | none
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint_every_n_steps: int = 1250
+    knn_eval: bool = True  # teacher-CLS kNN on held-out synthetic images before and after training
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class PathsConfig:
+    output_root: str = "outputs"
+    run_dir: str = "${paths.output_root}/${run_name}"
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    registers: int = 0
+    run_name: str = "default"  # names the run directory: deterministic, never a timestamp
+    seed: int = 0
+    ckpt_path: str | None = None  # resume from this Lightning checkpoint
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+CHOICES = {
+    "ssl.centering": ("centering", "sinkhorn_knopp"),
+    "ssl.on_nonfinite": ("raise", "skip"),
+    "augment.blur_probabilities": ("dinov2", "intended"),
+    "optim.scaling_rule": ("sqrt_wrt_1024", "none"),
+    "logger.kind": ("csv", "wandb", "none"),
+    "logger.wandb.mode": ("online", "offline", "disabled"),
+    "model.attn_backend": ("auto", "sdpa", "xformers", "math"),
+    "data.name": ("synthetic",),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and the fix."""
+
+
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"{key}: {message}")
+
+
+def validate_config(cfg: DictConfig | PretrainConfig) -> None:
+    """Reject configurations that cannot work, before anything is built."""
+    c = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(c, key)
+        if value not in allowed:
+            _fail(key, f"must be one of {list(allowed)}, got {value!r}")
+    if c.registers < 0 or c.model.num_register_tokens < 0:
+        _fail("registers", f"must be >= 0 (0 = no registers), got {c.model.num_register_tokens}")
+    if c.model.arch not in VIT_SIZES:
+        _fail("model.arch", f"unknown size {c.model.arch!r}; choose one of {list(VIT_SIZES)} (e.g. model=vitl)")
+    if c.model.ffn_layer not in (None, "mlp", "swiglu"):
+        _fail("model.ffn_layer", f"must be mlp, swiglu or null, got {c.model.ffn_layer!r}")
+    p = c.model.patch_size
+    for key in ("global_crops_size", "local_crops_size"):
+        size = c.augment[key]
+        if size <= 0 or size % p:
+            near = max(p, round(size / p) * p)
+            _fail(f"augment.{key}", f"{size} is not a multiple of model.patch_size {p}; use e.g. {near}")
+    if c.augment.local_crops_number < 0:
+        _fail("augment.local_crops_number", f"must be >= 0, got {c.augment.local_crops_number}")
+    for key in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = c.augment[key]
+        if not 0 < lo <= hi <= 1:
+            _fail(f"augment.{key}", f"must be [min, max] with 0 < min <= max <= 1, got {[lo, hi]}")
+    lo, hi = c.ssl.ibot.mask_ratio_min_max
+    if not 0 <= lo <= hi <= 1:
+        _fail("ssl.ibot.mask_ratio_min_max", f"must be [min, max] within [0, 1], got {[lo, hi]}")
+    if not 0 <= c.ssl.ibot.mask_sample_probability <= 1:
+        _fail("ssl.ibot.mask_sample_probability", f"must be in [0, 1], got {c.ssl.ibot.mask_sample_probability}")
+    if c.data.batch_size_per_device < 1:
+        _fail("data.batch_size_per_device", f"must be >= 1, got {c.data.batch_size_per_device}")
+    if c.ssl.dino.koleo_loss_weight > 0 and c.data.batch_size_per_device < 2:
+        _fail(
+            "ssl.dino.koleo_loss_weight",
+            "KoLeo needs at least 2 images per device (it uses each image's nearest neighbour); "
+            "raise data.batch_size_per_device or set ssl.dino.koleo_loss_weight=0",
+        )
+    if c.ssl.dino.loss_weight <= 0 and c.ssl.ibot.loss_weight <= 0:
+        _fail("ssl.dino.loss_weight", "DINO and iBOT are both disabled: nothing to train")
+    for key in ("dino", "ibot"):
+        head = c.ssl[key]
+        for sub in ("head_n_prototypes", "head_bottleneck_dim", "head_hidden_dim", "head_nlayers"):
+            if head[sub] < 1:
+                _fail(f"ssl.{key}.{sub}", f"must be >= 1, got {head[sub]}")
+    if not 0 < c.ssl.teacher.momentum_teacher <= c.ssl.teacher.final_momentum_teacher <= 1:
+        _fail("ssl.teacher.momentum_teacher", "need 0 < momentum_teacher <= final_momentum_teacher <= 1")
+    if c.optim.epochs < 1 or c.optim.official_epoch_length < 1:
+        _fail("optim.epochs", "optim.epochs and optim.official_epoch_length must be >= 1")
+    if c.optim.warmup_epochs > c.optim.epochs:
+        _fail("optim.warmup_epochs", f"{c.optim.warmup_epochs} exceeds optim.epochs {c.optim.epochs}")
+    if c.trainer.max_steps is not None and c.trainer.max_steps < 1:
+        _fail("trainer.max_steps", f"must be >= 1 or null, got {c.trainer.max_steps}")
+    if c.trainer.precision not in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
+        _fail("trainer.precision", f"use null (auto), 32-true, bf16-mixed or 16-mixed; got {c.trainer.precision!r}")
+
+
+__all__ = ["MISSING", "ConfigError", "PretrainConfig", "register_configs", "validate_config"]

@@ -1,0 +1,85 @@
+"""LightningDataModule over the embedded synthetic dataset, through the real multi-crop + collate path."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from vitreg.data.collate import MultiCropCollator
+from vitreg.data.synthetic import SyntheticShapes
+from vitreg.data.transforms import MultiCropTransform, normalize, resize
+
+
+class EvalTransform:
+    """uint8 image -> resized (bicubic, antialiased) and normalised float tensor, for feature extraction."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Tensor) -> Tensor:
+        return normalize(resize(img, self.size))
+
+
+def multicrop_transform(cfg: DictConfig) -> MultiCropTransform:
+    a = cfg.augment
+    return MultiCropTransform(
+        global_crops_size=a.global_crops_size,
+        local_crops_size=a.local_crops_size,
+        local_crops_number=a.local_crops_number,
+        global_crops_scale=tuple(a.global_crops_scale),
+        local_crops_scale=tuple(a.local_crops_scale),
+        blur_probabilities=a.blur_probabilities,
+        solarize_prob=a.solarize_prob,
+    )
+
+
+def multicrop_collator(cfg: DictConfig) -> MultiCropCollator:
+    return MultiCropCollator(
+        patch_size=cfg.model.patch_size,
+        global_crops_size=cfg.augment.global_crops_size,
+        mask_ratio_min_max=tuple(cfg.ssl.ibot.mask_ratio_min_max),
+        mask_sample_probability=cfg.ssl.ibot.mask_sample_probability,
+        seed=cfg.seed,
+    )
+
+
+class SyntheticDataModule(L.LightningDataModule):
+    """Training batches from ``SyntheticShapes``; ``knn_loaders`` gives labelled bank/query sets."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.syn = cfg.data.synthetic
+
+    def _dataset(self, n: int, split: str, transform) -> SyntheticShapes:
+        return SyntheticShapes(n, self.syn.image_size, self.syn.num_classes, self.cfg.seed, split, transform)
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.cfg.data
+        dataset = self._dataset(self.syn.num_images, "train", multicrop_transform(self.cfg))
+        if data.batch_size_per_device > len(dataset):
+            raise ValueError(
+                f"data.batch_size_per_device={data.batch_size_per_device} exceeds the "
+                f"{len(dataset)} images of data.synthetic.num_images"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=data.batch_size_per_device,
+            shuffle=True,
+            drop_last=True,
+            num_workers=data.num_workers,
+            persistent_workers=data.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=multicrop_collator(self.cfg),
+        )
+
+    def knn_loaders(self, batch_size: int = 128) -> tuple[DataLoader, DataLoader]:
+        """(bank, queries): training-split images and held-out val-split images, un-augmented."""
+        transform = EvalTransform(self.cfg.augment.global_crops_size)
+        bank = self._dataset(self.syn.knn_train_images, "train", transform)
+        queries = self._dataset(self.syn.knn_val_images, "val", transform)
+        workers = min(self.cfg.data.num_workers, 2)
+        return tuple(DataLoader(d, batch_size=batch_size, num_workers=workers) for d in (bank, queries))

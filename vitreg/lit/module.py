@@ -1,0 +1,183 @@
+"""The Lightning module: DINOv2's objective, optimiser, iteration-based schedules and EMA teacher.
+
+Per step, as DINOv2's ``train.py``: apply schedules[step] to the param groups → forward/backward
+→ clip gradients per sub-module (backbone, each head) → AdamW step → EMA update of the teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from vitreg.models import VisionTransformer, ViTConfig, load_backbone_weights, vit_config
+from vitreg.ssl.ema import ema_update_
+from vitreg.ssl.heads import DINOHead
+from vitreg.ssl.objective import DINOv2Objective, ObjectiveConfig
+from vitreg.ssl.param_groups import apply_schedules, param_groups
+from vitreg.ssl.schedules import build_schedules, scaled_lr
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the step and the term."""
+
+
+def backbone_config(model_cfg: DictConfig, img_size: int) -> ViTConfig:
+    """The student's ``ViTConfig`` from the ``model`` group; the positional table is stored at the
+    global-crop size, as DINOv2 does (global crops then need no interpolation)."""
+    extra = {} if model_cfg.ffn_layer is None else {"ffn_layer": model_cfg.ffn_layer}
+    return vit_config(
+        model_cfg.arch,
+        patch_size=model_cfg.patch_size,
+        img_size=img_size,
+        num_register_tokens=model_cfg.num_register_tokens,
+        drop_path_rate=model_cfg.drop_path_rate,
+        drop_path_uniform=model_cfg.drop_path_uniform,
+        layerscale_init=model_cfg.layerscale_init,
+        qkv_bias=model_cfg.qkv_bias,
+        proj_bias=model_cfg.proj_bias,
+        ffn_bias=model_cfg.ffn_bias,
+        interpolate_antialias=model_cfg.interpolate_antialias,
+        interpolate_offset=model_cfg.interpolate_offset,
+        register_pos_embed=model_cfg.register_pos_embed,
+        attn_backend=model_cfg.attn_backend,
+        **extra,
+    )
+
+
+def build_objective(cfg: DictConfig) -> DINOv2Objective:
+    """Student backbone + heads from the config; the teacher is a deep copy made by the objective."""
+    backbone = VisionTransformer(backbone_config(cfg.model, cfg.augment.global_crops_size))
+    if cfg.model.pretrained_weights:
+        load_backbone_weights(backbone, cfg.model.pretrained_weights)
+        log.info("student backbone initialised from %s", cfg.model.pretrained_weights)
+    dino, ibot = cfg.ssl.dino, cfg.ssl.ibot
+
+    def head(h: DictConfig) -> DINOHead:
+        return DINOHead(
+            backbone.embed_dim, h.head_n_prototypes, h.head_hidden_dim, h.head_bottleneck_dim, h.head_nlayers
+        )
+
+    ibot_head = head(ibot) if ibot.loss_weight > 0 and ibot.separate_head else None
+    objective_cfg = ObjectiveConfig(
+        dino_loss_weight=dino.loss_weight,
+        koleo_loss_weight=dino.koleo_loss_weight,
+        ibot_loss_weight=ibot.loss_weight,
+        centering=cfg.ssl.centering,
+        student_temp=cfg.ssl.student_temp,
+        center_momentum=cfg.ssl.center_momentum,
+        sinkhorn_iterations=cfg.ssl.sinkhorn_iterations,
+    )
+    return DINOv2Objective(backbone, head(dino), ibot_head, objective_cfg)
+
+
+class DINOv2Module(L.LightningModule):
+    def __init__(self, cfg: DictConfig, world_size: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.objective = build_objective(cfg)
+        optim = cfg.optim
+        self.global_batch = cfg.data.batch_size_per_device * world_size
+        self.lr = scaled_lr(optim.base_lr, self.global_batch, optim.scaling_rule)
+        self.total_steps = optim.epochs * optim.official_epoch_length
+        self.schedules = build_schedules(
+            base_lr=self.lr,
+            min_lr=optim.min_lr,
+            epochs=optim.epochs,
+            warmup_epochs=optim.warmup_epochs,
+            weight_decay=optim.weight_decay,
+            weight_decay_end=optim.weight_decay_end,
+            momentum_teacher=cfg.ssl.teacher.momentum_teacher,
+            final_momentum_teacher=cfg.ssl.teacher.final_momentum_teacher,
+            warmup_teacher_temp=cfg.ssl.teacher.warmup_teacher_temp,
+            teacher_temp=cfg.ssl.teacher.teacher_temp,
+            warmup_teacher_temp_epochs=cfg.ssl.teacher.warmup_teacher_temp_epochs,
+            freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
+            epoch_length=optim.official_epoch_length,
+        )
+        self.on_nonfinite = cfg.ssl.on_nonfinite
+        self.skipped_steps = 0
+
+    @property
+    def student(self) -> torch.nn.ModuleDict:
+        return self.objective.student
+
+    @property
+    def teacher(self) -> torch.nn.ModuleDict:
+        return self.objective.teacher
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optim = self.cfg.optim
+        groups = param_groups(self.student, optim.layerwise_decay, optim.patch_embed_lr_mult)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=(optim.adamw_beta1, optim.adamw_beta2))
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        step = self.global_step
+        apply_schedules(
+            self.trainer.optimizers[0],
+            lr=self.schedules.lr(step),
+            wd=self.schedules.wd(step),
+            last_layer_lr=self.schedules.last_layer_lr(step),
+        )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # DINOv2 clips each student sub-module on its own (backbone, dino_head, ibot_head), not one global norm.
+        clip = self.cfg.optim.clip_grad
+        if clip and clip > 0:
+            for module in self.student.values():
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # After the optimiser step of this batch (Lightning calls this hook after optimizer.step).
+        if not outputs:  # a skipped non-finite step: no optimiser step, so no EMA either
+            return
+        ema_update_(self.teacher, self.student, self.schedules.momentum(self.global_step - 1))
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, batch: dict, batch_idx: int):
+        step = self.global_step
+        terms = self.objective(batch, teacher_temp=self.schedules.teacher_temp(step))
+        loss = terms["loss"]
+        if not self._all_finite(terms):
+            bad = [k for k in [*self.objective.loss_term_names(), "loss"] if not torch.isfinite(terms[k]).all()]
+            message = (
+                f"non-finite loss at step {step}: {', '.join(bad) or 'on another rank'} "
+                f"({', '.join(f'{k}={terms[k].item():.4g}' for k in self.objective.loss_term_names())})"
+            )
+            if self.on_nonfinite == "raise":
+                raise NonFiniteLossError(message + "; set ssl.on_nonfinite=skip to skip such steps instead")
+            self.skipped_steps += 1
+            log.warning("%s: step skipped (%d so far)", message, self.skipped_steps)
+            self.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=True)
+            return None
+        bs = batch["global_crops"].shape[0] // 2
+        metrics = {f"train/{k}": v.detach() for k, v in terms.items()}
+        metrics.update(
+            {
+                "lr": self.schedules.lr(step),
+                "wd": self.schedules.wd(step),
+                "momentum": self.schedules.momentum(step),
+                "teacher_temp": self.schedules.teacher_temp(step),
+                "last_layer_lr": self.schedules.last_layer_lr(step),
+            }
+        )
+        self.log_dict(metrics, batch_size=bs, sync_dist=False, prog_bar=False)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=bs)
+        return loss
+
+    def _all_finite(self, terms: dict) -> bool:
+        finite = torch.tensor(float(all(torch.isfinite(terms[k]).all() for k in terms)), device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips or raises together
+        return bool(finite.item())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self

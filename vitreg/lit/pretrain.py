@@ -1,0 +1,126 @@
+"""Build everything a pretraining run needs from a validated config, and fit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from vitreg.config import validate_config
+from vitreg.lit.callbacks import KNNProbe
+from vitreg.lit.data import SyntheticDataModule
+from vitreg.lit.module import DINOv2Module
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(cfg: DictConfig) -> str:
+    if cfg.trainer.precision:
+        return cfg.trainer.precision
+    return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "32-true"
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
+    kind = cfg.logger.kind
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
+    w = cfg.logger.wandb
+    id_file = run_dir / "wandb_id.txt"  # a requeued run continues the same W&B run
+    if not id_file.exists():
+        import wandb.util
+
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(wandb.util.generate_id())
+    return WandbLogger(
+        project=w.project,
+        entity=w.entity,
+        name=cfg.run_name,
+        id=id_file.read_text().strip(),
+        resume="allow",
+        mode=w.mode,
+        tags=list(w.tags),
+        save_dir=str(run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).exists():
+            raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+        return cfg.ckpt_path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """Train; returns a summary (paths, steps, kNN accuracies)."""
+    validate_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = SyntheticDataModule(cfg)
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps,
+            save_last=True,
+            save_top_k=1,
+        )
+    ]
+    knn = None
+    if cfg.callbacks.knn_eval:
+        knn = KNNProbe(
+            datamodule.knn_loaders,
+            cfg.callbacks.knn_k,
+            cfg.callbacks.knn_temperature,
+            chance=1 / cfg.data.synthetic.num_classes,
+        )
+        callbacks.append(knn)
+    max_steps = cfg.trainer.max_steps or cfg.optim.epochs * cfg.optim.official_epoch_length
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=resolve_precision(cfg),
+        max_steps=max_steps,
+        max_epochs=-1,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        deterministic=cfg.trainer.deterministic,
+        logger=build_logger(cfg, run_dir),
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        gradient_clip_val=cfg.optim.clip_grad or None,  # routed to DINOv2Module.configure_gradient_clipping
+        use_distributed_sampler=False,
+    )
+    module = DINOv2Module(cfg, world_size=trainer.world_size)
+    resume = find_resume_checkpoint(cfg, run_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    summary = {
+        "run_dir": str(run_dir),
+        "config": str(run_dir / "config.yaml"),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "logs": str(run_dir / "logs") if cfg.logger.kind == "csv" else str(run_dir),
+        "steps": trainer.global_step,
+        "skipped_steps": module.skipped_steps,
+    }
+    if knn is not None:
+        summary["knn"] = dict(knn.results)
+    return summary

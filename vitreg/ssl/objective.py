@@ -1,0 +1,166 @@
+"""DINOv2's student–teacher objective (DINO + iBOT + KoLeo) for one batch, in pure PyTorch.
+
+Follows ``ssl_meta_arch.py`` (shared/reference/dinov2.md §2): the teacher sees only the 2 global
+crops, unmasked; the student sees global crops (masked for iBOT) and local crops in one packed
+forward; DINO pairs cross views only; registers are never used by a loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vitreg.models import VisionTransformer
+from vitreg.ssl.distributed import all_reduce_sum_
+from vitreg.ssl.ema import assert_no_shared_storage
+from vitreg.ssl.heads import DINOHead
+from vitreg.ssl.losses import dino_loss, ibot_loss, koleo_loss
+from vitreg.ssl.targets import Centering, sinkhorn_knopp
+
+
+@dataclass
+class ObjectiveConfig:
+    dino_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    ibot_loss_weight: float = 1.0
+    centering: str = "centering"  # centering | sinkhorn_knopp
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+
+
+class DINOv2Objective(nn.Module):
+    """Holds student and teacher (``backbone``, ``dino_head`` [, ``ibot_head``]) and computes the loss."""
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        dino_head: DINOHead,
+        ibot_head: DINOHead | None,
+        cfg: ObjectiveConfig,
+    ) -> None:
+        super().__init__()
+        if cfg.centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"ssl.centering must be 'centering' or 'sinkhorn_knopp', got {cfg.centering!r}")
+        self.cfg = cfg
+        modules = {"backbone": backbone, "dino_head": dino_head}
+        if ibot_head is not None:
+            modules["ibot_head"] = ibot_head
+        self.student = nn.ModuleDict(modules)
+        self.teacher = copy.deepcopy(self.student)
+        assert_no_shared_storage(self.teacher, self.student)
+        for blk in self.teacher.backbone.blocks:  # the teacher never drops paths
+            blk.drop_path = 0.0
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        ibot_dim = (ibot_head or dino_head).out_dim
+        if cfg.centering == "centering":
+            self.dino_center = Centering(dino_head.out_dim, cfg.center_momentum)
+            self.ibot_center = Centering(ibot_dim, cfg.center_momentum)
+
+    @property
+    def do_ibot(self) -> bool:
+        return self.cfg.ibot_loss_weight > 0
+
+    def train(self, mode: bool = True) -> DINOv2Objective:
+        super().train(mode)
+        self.teacher.eval()  # always: no drop path, deterministic targets
+        return self
+
+    # ------------------------------------------------------------------ teacher
+    def _targets(self, logits: Tensor, temp: float, center: str, total_count: Tensor | None = None) -> Tensor:
+        if self.cfg.centering == "centering":
+            centering: Centering = getattr(self, center)
+            probs = centering.targets(logits, temp)
+            centering.update(logits)  # after computing targets: DINOv2's one-step lag
+            return probs
+        return sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iterations, total_count=total_count)
+
+    @torch.no_grad()
+    def _teacher(self, batch: dict, temp: float) -> tuple[Tensor, Tensor | None]:
+        out = self.teacher.backbone.forward_features(batch["global_crops"])
+        cls = out["x_norm_clstoken"]
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]] if self.do_ibot else None
+        if patches is not None and "ibot_head" not in self.teacher:
+            logits = self.teacher.dino_head(torch.cat([cls, patches]))
+            cls_logits, patch_logits = logits[: len(cls)], logits[len(cls) :]
+        else:
+            cls_logits = self.teacher.dino_head(cls)
+            patch_logits = self.teacher.ibot_head(patches) if patches is not None else None
+        dino_targets = self._targets(cls_logits, temp, "dino_center")
+        ibot_targets = None
+        if patch_logits is not None:
+            total = batch["n_masked_patches"].to(cls.device).sum().clone()
+            all_reduce_sum_(total)  # SK normalises by the global number of masked tokens
+            ibot_targets = self._targets(patch_logits, temp, "ibot_center", total_count=total)
+        return dino_targets, ibot_targets
+
+    # ------------------------------------------------------------------ student + losses
+    def forward(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
+        """Loss terms (already weighted: what is optimised) and cheap collapse monitors."""
+        cfg = self.cfg
+        global_crops, local_crops = batch["global_crops"], batch.get("local_crops")
+        n_global = global_crops.shape[0]
+        has_local = local_crops is not None and local_crops.shape[0] > 0
+        dino_targets, ibot_targets = self._teacher(batch, teacher_temp)
+
+        masks = batch["masks"] if self.do_ibot else None
+        crops = [global_crops, local_crops] if has_local else [global_crops]
+        outs = self.student.backbone.forward_features(crops, masks=[masks, None] if has_local else [masks])
+        s_global_cls = outs[0]["x_norm_clstoken"]
+        s_local_cls = outs[1]["x_norm_clstoken"] if has_local else s_global_cls[:0]
+        head_in = [s_local_cls, s_global_cls]
+        s_patches = None
+        if self.do_ibot:
+            s_patches = outs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
+            if "ibot_head" not in self.student:
+                head_in.append(s_patches)
+        sizes = [len(t) for t in head_in]
+        logits = self.student.dino_head(torch.cat(head_in)).split(sizes)  # one head call, like DINOv2
+        s_local_logits, s_global_logits = logits[0], logits[1]
+
+        terms: dict[str, Tensor] = {}
+        zero = s_global_cls.sum() * 0
+        if cfg.dino_loss_weight > 0:
+            local, glob = dino_loss(
+                s_global_logits, s_local_logits if has_local else None, dino_targets, cfg.student_temp
+            )
+            terms["dino_local_crops_loss"] = cfg.dino_loss_weight * local
+            terms["dino_global_crops_loss"] = cfg.dino_loss_weight * glob
+        if cfg.koleo_loss_weight > 0:
+            views = s_global_cls.chunk(2)
+            terms["koleo_loss"] = cfg.koleo_loss_weight * sum(koleo_loss(v) for v in views)
+        if self.do_ibot:
+            patch_logits = logits[2] if "ibot_head" not in self.student else self.student.ibot_head(s_patches)
+            terms["ibot_loss"] = cfg.ibot_loss_weight * ibot_loss(
+                patch_logits, ibot_targets, batch["masks_weight"], n_images=n_global, student_temp=cfg.student_temp
+            )
+        terms["loss"] = sum(terms.values(), zero)
+        terms.update(self._monitors(dino_targets))
+        return terms
+
+    @torch.no_grad()
+    def _monitors(self, teacher_probs: Tensor) -> dict[str, Tensor]:
+        """Collapse signals: per-sample teacher entropy (→0 means sharp, one-hot collapse) and the KL
+        of the mean teacher distribution to uniform (→log K means everyone picks the same prototype)."""
+        p = teacher_probs.float()
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        mean_p = p.mean(0)
+        kl_uniform = (mean_p * (mean_p.clamp_min(1e-12) * mean_p.numel()).log()).sum()
+        monitors = {"teacher_entropy": entropy, "teacher_kl_to_uniform": kl_uniform}
+        if self.cfg.centering == "centering":
+            monitors["center_norm"] = self.dino_center.center.norm()
+        return monitors
+
+    def loss_term_names(self) -> list[str]:
+        names = []
+        if self.cfg.dino_loss_weight > 0:
+            names += ["dino_local_crops_loss", "dino_global_crops_loss"]
+        if self.cfg.koleo_loss_weight > 0:
+            names.append("koleo_loss")
+        if self.do_ibot:
+            names.append("ibot_loss")
+        return names

@@ -1,0 +1,86 @@
+"""Teacher targets for the DINO and iBOT losses: softmax with a running center, or Sinkhorn-Knopp.
+
+Both are computed in fp32 without gradients. Rows are samples (CLS tokens or masked patch tokens), columns are
+the K prototypes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vitreg.ssl.distributed import all_reduce_mean_, all_reduce_sum_, world_size
+
+
+class Centering(nn.Module):
+    """Sharpened softmax of the teacher logits after subtracting a running mean (``center``, shape (1, K)).
+
+    One instance serves the DINO CLS targets and another the iBOT patch targets.
+
+    Call order each step: ``targets(t, temp)`` first, then ``update(t)``. DINOv2 starts the update's
+    all-reduce asynchronously and applies it lazily at the start of the *next* ``softmax_center_teacher``
+    call. Computing the targets with the current center and then updating right away is numerically the
+    same: step 0 uses center 0 and step i uses a center built from batches 0..i-1 in both schemes. The
+    only visible difference is between steps, where our ``center`` already includes the last batch.
+    """
+
+    center: Tensor
+
+    def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, out_dim, dtype=torch.float32))
+
+    @torch.no_grad()
+    def targets(self, teacher_logits: Tensor, temp: float) -> Tensor:
+        """``softmax((t - center) / temp)`` over the last dim, in fp32."""
+        return torch.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: Tensor) -> None:
+        """``center <- m * center + (1 - m) * batch_mean``, with the mean taken over all ranks.
+
+        The batch mean is the average of the per-rank row means. For DINO (2B rows on every rank) this
+        equals DINOv2's ``sum(t) / (n * world)``; for iBOT, where ranks hold different numbers of masked
+        tokens, DINOv2 also averages per-rank means, so it is not the mean over all masked tokens.
+        Every rank must call this (it is a collective) with at least one row.
+        """
+        batch_mean = teacher_logits.detach().float().mean(dim=0, keepdim=True)
+        all_reduce_mean_(batch_mean)
+        self.center.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: Tensor,
+    temp: float,
+    n_iterations: int = 3,
+    total_count: int | Tensor | None = None,
+) -> Tensor:
+    """DINOv2's distributed Sinkhorn-Knopp: (n, K) logits -> (n, K) targets whose rows sum to 1.
+
+    ``total_count`` is the number of rows over all ranks (B in the paper). It defaults to ``n * world_size``,
+    right for the DINO CLS targets; for iBOT pass the global number of masked tokens (already all-reduced),
+    since ranks hold different counts. Prototype (column) sums are all-reduced, sample sums are local.
+    B must be the same on every rank: it sets each sample's mass 1/B, so the weight of a rank's samples in
+    the all-reduced prototype sums. In a single process it is only a scale that the final ``Q *= B`` undoes.
+
+    As in DINOv2 there is no max-subtraction before ``exp``: the logits are bounded because the head
+    L2-normalises its input and its prototypes have norm ``weight_g`` (about 1).
+    """
+    q = torch.exp(teacher_logits.float() / temp).t()  # (K, n), the paper's layout
+    k = q.shape[0]
+    if total_count is None:
+        total_count = q.shape[1] * world_size()
+    b = torch.as_tensor(total_count, dtype=torch.float32, device=q.device).reshape(())
+
+    q /= all_reduce_sum_(q.sum())
+    for _ in range(n_iterations):
+        # each prototype gets total mass 1/K over the global batch
+        q /= all_reduce_sum_(q.sum(dim=1, keepdim=True))
+        q /= k
+        # each sample gets mass 1/B
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b  # columns now sum to 1: one assignment per sample
+    return q.t()
