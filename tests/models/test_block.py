@@ -80,7 +80,7 @@ def test_packed_groups_use_subsets_even_for_small_rates():
     a, b = torch.randn(20, 3, 32), torch.randn(20, 2, 32)
     packed = torch.cat([a.reshape(-1, 32), b.reshape(-1, 32)])
     torch.manual_seed(3)
-    out = blk.forward_packed(packed, [(20, 3), (20, 2)])
+    out = blk(packed, [(20, 3), (20, 2)])
     # replay the draws: per branch, one randperm per group; int(20 * 0.95) = 19 samples kept
     torch.manual_seed(3)
     attn_a, _ = torch.randperm(20)[:19], torch.randperm(20)

@@ -70,11 +70,17 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path = drop_path
 
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        return self.forward_packed(x.reshape(b * n, d), [(b, n)], nested=False).view(b, n, d)
+    def forward(self, x: Tensor, groups: Groups | None = None) -> Tensor:
+        """``x`` is a batch (B, N, D), or packed tokens (sum B_i*N_i, D) of the ``groups`` (B_i, N_i).
 
-    def forward_packed(self, tokens: Tensor, groups: Groups, nested: bool = True) -> Tensor:
+        Both go through ``__call__`` so module hooks (telemetry, FSDP2, compile) see every call.
+        """
+        if groups is not None:
+            return self._forward_packed(x, groups, nested=True)
+        b, n, d = x.shape
+        return self._forward_packed(x.reshape(b * n, d), [(b, n)], nested=False).view(b, n, d)
+
+    def _forward_packed(self, tokens: Tensor, groups: Groups, nested: bool) -> Tensor:
         tokens = self._add_residual(tokens, groups, self._attn_residual, nested)
         return self._add_residual(tokens, groups, self._ffn_residual, nested)
 

@@ -167,7 +167,7 @@ class VisionTransformer(nn.Module):
         groups = [(t.shape[0], t.shape[1]) for t in per_batch]
         packed = torch.cat([t.reshape(-1, self.embed_dim) for t in per_batch])
         for blk in self.blocks:
-            packed = blk.forward_packed(packed, groups)
+            packed = blk(packed, groups)
         outs = packed.split([b * n for b, n in groups])
         return [self._split_outputs(out.view(b, n, -1), m) for out, (b, n), m in zip(outs, groups, masks, strict=True)]
 

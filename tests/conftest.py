@@ -1,0 +1,52 @@
+"""Shared fixtures: compose the real Hydra configs in conf/ (what train/pretrain.py uses)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from vitreg.config import register_configs
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# A tiny but complete run: the demo recipe shrunk so a step takes well under a second on CPU.
+TINY = [
+    "experiment=demo",
+    "augment.global_crops_size=28",
+    "augment.local_crops_size=14",
+    "augment.local_crops_number=2",
+    "data.batch_size_per_device=4",
+    "data.num_workers=0",
+    "data.synthetic.num_images=64",
+    "data.synthetic.image_size=32",
+    "data.synthetic.knn_train_images=40",
+    "data.synthetic.knn_val_images=20",
+    "ssl.dino.head_n_prototypes=64",
+    "ssl.dino.head_hidden_dim=32",
+    "ssl.dino.head_bottleneck_dim=16",
+    "ssl.ibot.head_n_prototypes=64",
+    "ssl.ibot.head_hidden_dim=32",
+    "ssl.ibot.head_bottleneck_dim=16",
+    "optim.official_epoch_length=5",
+    "optim.epochs=2",
+    "trainer.enable_progress_bar=false",
+    "callbacks.knn_eval=false",
+]
+
+
+def compose_config(overrides: list[str] | None = None, run_dir: Path | None = None) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=overrides or [])
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> DictConfig:
+    return compose_config(TINY, run_dir=tmp_path / "run")
