@@ -118,6 +118,7 @@ class SyntheticDataConfig:
     num_images: int = 4096  # the training set (re-used every pass)
     image_size: int = 112
     num_classes: int = 10
+    class_appearance: bool = True  # a class = shape + typical hue and texture; false: shape only (harder)
     knn_train_images: int = 1000  # held-out sets for the before/after kNN check
     knn_val_images: int = 500
 

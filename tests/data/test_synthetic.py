@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import itertools
 
 import numpy as np
@@ -97,3 +98,30 @@ def test_shapes_are_sizeable_and_pairwise_distinct() -> None:
     for name_a, name_b in itertools.combinations(SHAPES, 2):
         limit = 0.8 if name_a in defaults and name_b in defaults else 0.95
         assert best_iou(masks[name_a], name_b) < limit, (name_a, name_b)
+
+
+def _object_hue(img: np.ndarray) -> float:
+    """Mean hue of the clearly saturated pixels: the object (backgrounds are muted)."""
+    rgb = img.reshape(-1, 3).astype(np.float64) / 255
+    sat = rgb.max(1) - rgb.min(1)
+    top = rgb[sat >= 0.3]
+    hues = [colorsys.rgb_to_hsv(*p)[0] for p in top]
+    angles = np.array(hues) * 2 * np.pi
+    return float(np.arctan2(np.sin(angles).mean(), np.cos(angles).mean()) / (2 * np.pi) % 1.0)
+
+
+def test_class_appearance_ties_hue_to_the_class_and_mutes_backgrounds() -> None:
+    data = SyntheticShapes(40, image_size=48, num_classes=10, seed=3, max_distractors=0)
+    for index in range(40):
+        img, label = data.render(index)
+        # circular distance between the object's hue and the class hue (classes 0.1 apart)
+        delta = abs((_object_hue(img) - label / 10 + 0.5) % 1.0 - 0.5)
+        assert delta < 0.05, (index, label, delta)
+    plain = SyntheticShapes(40, image_size=48, num_classes=10, seed=3, class_appearance=False)
+
+    # corners are background: muted (low saturation) with class appearance, colourful without
+    def corner_saturation(ds: SyntheticShapes) -> float:
+        corners = np.stack([ds.render(i)[0][:4, :4] for i in range(40)]).astype(np.float64) / 255
+        return float((corners.max(-1) - corners.min(-1)).mean())
+
+    assert corner_saturation(data) < 0.2 < corner_saturation(plain)

@@ -62,8 +62,8 @@ def test_schedules_are_applied_to_every_group_each_step():
         for lr, wd, lr_mult, wd_mult, last in groups:
             expected_lr = (s.last_layer_lr(step) if last else s.lr(step)) * lr_mult
             assert lr == pytest.approx(expected_lr) and wd == pytest.approx(s.wd(step) * wd_mult)
-    # demo recipe: sqrt-batch/1024 scaling of base_lr
-    assert module.lr == pytest.approx(0.004 * (4 / 1024) ** 0.5)
+    # sqrt-batch/1024 scaling of base_lr (batch 4 per device, one device)
+    assert module.lr == pytest.approx(cfg.optim.base_lr * (4 / 1024) ** 0.5)
 
 
 def test_teacher_is_the_ema_of_the_student_after_each_step():

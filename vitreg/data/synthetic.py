@@ -111,9 +111,15 @@ def _random_colour(rng: np.random.Generator, away_from: np.ndarray | None = None
     return colour
 
 
-def _background(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """A greyish colour with a slight tint: backgrounds that vary without out-shouting the object."""
+    return np.clip(rng.uniform(0.15, 0.85) + rng.normal(0.0, 0.05, size=3), 0.0, 1.0).astype(np.float32)
+
+
+def _background(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, muted: bool = False) -> np.ndarray:
     """Linear two-colour gradient plus a low-frequency wave and pixel noise, (H, W, 3) float32 in ~[0, 1]."""
-    c0, c1 = _random_colour(rng), _random_colour(rng)
+    pick = _muted_colour if muted else _random_colour
+    c0, c1 = pick(rng), pick(rng)
     angle = rng.uniform(0, 2 * np.pi)
     cos, sin = math.cos(angle), math.sin(angle)
     t = (cos * xs + sin * ys) * (0.5 / (abs(cos) + abs(sin))) + 0.5  # in [0, 1] on the [-1, 1] grid
@@ -126,9 +132,17 @@ def _background(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray) -> np.
     return img
 
 
-def _texture(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray | None:
+def _class_colour(rng: np.random.Generator, label: int, num_classes: int) -> np.ndarray:
+    """A saturated colour around the class's own hue (classes spread evenly on the hue circle)."""
+    hue = (label / num_classes + rng.normal(0.0, 0.15 / num_classes)) % 1.0
+    sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0)
+    k = (np.array([5.0, 3.0, 1.0], dtype=np.float32) + hue * 6.0) % 6.0  # HSV -> RGB, vectorised
+    return (val - val * sat * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)).astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, kind: str | None = None) -> np.ndarray | None:
     """Bool pattern (second-colour pixels) in object coordinates, or None for a solid fill."""
-    kind = _TEXTURES[rng.integers(len(_TEXTURES))]
+    kind = kind or _TEXTURES[rng.integers(len(_TEXTURES))]
     freq = rng.uniform(2.5, 5.0)
     if kind == "stripes":
         return np.sin(freq * np.pi * u) > 0
@@ -148,6 +162,8 @@ def _paint(
     xs: np.ndarray,
     radius: float,
     textured: bool,
+    colour: np.ndarray | None = None,
+    texture: str | None = None,
 ) -> None:
     """Draw one randomly placed, rotated, coloured (optionally textured) shape of ``radius`` onto ``img``."""
     size = img.shape[0]
@@ -161,10 +177,11 @@ def _paint(
     u, v = cos * dx + sin * dy, -sin * dx + cos * dy
     mask = shape(u, v)
     patch = img[y0:y1, x0:x1]
-    colour = _random_colour(rng, away_from=patch.mean(axis=(0, 1)))
+    if colour is None:
+        colour = _random_colour(rng, away_from=patch.mean(axis=(0, 1)))
     patch[mask] = colour
     # Second colour: a darker shade of the first.
-    pattern = _texture(rng, u, v) if textured else None
+    pattern = _texture(rng, u, v, texture) if textured else None
     if pattern is not None:
         patch[mask & pattern] = colour * np.float32(rng.uniform(0.2, 0.6))
 
@@ -176,6 +193,13 @@ class SyntheticShapes(Dataset):
     alone, so it is identical in every worker, epoch and access order, and the train and val splits are
     disjoint random streams. Labels are ``index % num_classes`` (exactly balanced). Returns
     ``(image, label)`` with ``image`` a ``(3, image_size, image_size)`` uint8 tensor, or ``transform(image)``.
+
+    With ``class_appearance`` (default) a class is a shape *and* a typical look: the object's hue is
+    drawn around the class's own hue and its texture is the class's texture, as real categories have
+    typical colours and surfaces, and backgrounds are muted (greyish gradients, waves and noise) so
+    the object is what two crops of an image mostly share. Without it, object and background colours
+    are random and only the shape carries the class: a much harder task, where a short
+    self-supervised run learns to match crops by background colour instead.
     """
 
     def __init__(
@@ -187,6 +211,7 @@ class SyntheticShapes(Dataset):
         split: str = "train",
         transform: Callable[[torch.Tensor], Any] | None = None,
         max_distractors: int = 2,
+        class_appearance: bool = True,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
@@ -201,6 +226,7 @@ class SyntheticShapes(Dataset):
         self.split = split
         self.transform = transform
         self.max_distractors = max_distractors
+        self.class_appearance = class_appearance
         self.class_names: list[str] = list(SHAPES)[:num_classes]
         self._shapes = [SHAPES[name] for name in SHAPES]
         # Pixel-centre coordinate grid, built once and shared by every render.
@@ -218,13 +244,15 @@ class SyntheticShapes(Dataset):
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], index])
         label = index % self.num_classes
         size = self.image_size
-        img = _background(rng, self._unit_ys, self._unit_xs)
+        img = _background(rng, self._unit_ys, self._unit_xs, muted=self.class_appearance)
         # Distractors: any shape, at most a third of the main object's size, drawn underneath it.
         for _ in range(rng.integers(self.max_distractors + 1)):
             shape = self._shapes[rng.integers(len(self._shapes))]
             _paint(img, rng, shape, self._ys, self._xs, size * rng.uniform(0.05, 0.09), textured=False)
         radius = size * rng.uniform(0.2, 0.38)
-        _paint(img, rng, self._shapes[label], self._ys, self._xs, radius, textured=True)
+        colour = _class_colour(rng, label, self.num_classes) if self.class_appearance else None
+        texture = _TEXTURES[label % len(_TEXTURES)] if self.class_appearance else None
+        _paint(img, rng, self._shapes[label], self._ys, self._xs, radius, True, colour, texture)
         return (np.clip(img, 0.0, 1.0) * 255 + 0.5).astype(np.uint8), label
 
     def __getitem__(self, index: int) -> tuple[Any, int]:

@@ -55,7 +55,15 @@ class SyntheticDataModule(L.LightningDataModule):
         self.syn = cfg.data.synthetic
 
     def _dataset(self, n: int, split: str, transform) -> SyntheticShapes:
-        return SyntheticShapes(n, self.syn.image_size, self.syn.num_classes, self.cfg.seed, split, transform)
+        return SyntheticShapes(
+            n,
+            self.syn.image_size,
+            self.syn.num_classes,
+            self.cfg.seed,
+            split,
+            transform,
+            class_appearance=self.syn.class_appearance,
+        )
 
     def train_dataloader(self) -> DataLoader:
         data = self.cfg.data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,8 @@ from vitreg.lit.data import SyntheticDataModule
 from vitreg.lit.module import DINOv2Module
 
 log = logging.getLogger(__name__)
+# The teacher is in eval mode on purpose (no drop path); Lightning warns about any eval-mode module.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def resolve_precision(cfg: DictConfig) -> str:
