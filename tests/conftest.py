@@ -15,6 +15,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # A tiny but complete run: the demo recipe shrunk so a step takes well under a second on CPU.
 TINY = [
     "experiment=demo",
+    "ssl.centering=centering",  # DINOv2's default (the demo uses Sinkhorn-Knopp; tests cover both)
     "augment.global_crops_size=28",
     "augment.local_crops_size=14",
     "augment.local_crops_number=2",

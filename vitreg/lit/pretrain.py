@@ -109,7 +109,6 @@ def pretrain(cfg: DictConfig) -> dict:
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         gradient_clip_val=cfg.optim.clip_grad or None,  # routed to DINOv2Module.configure_gradient_clipping
-        use_distributed_sampler=False,
     )
     module = DINOv2Module(cfg, world_size=trainer.world_size)
     resume = find_resume_checkpoint(cfg, run_dir)
