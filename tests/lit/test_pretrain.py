@@ -10,6 +10,7 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_config
+from vitreg.lit.module import DINOv2Module
 from vitreg.lit.pretrain import pretrain
 
 
@@ -37,6 +38,13 @@ def test_run_writes_checkpoint_config_metrics_and_resumes(tmp_path):
     with open(run / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"train/loss", "lr", "knn/top1_before", "knn/top1_after"} <= set(rows[0])
+
+    # the checkpoint carries its config: loading needs nothing else
+    module = DINOv2Module.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert module.cfg.model.num_register_tokens == 4 and module.teacher.backbone.num_register_tokens == 4
+    torch.testing.assert_close(
+        module.teacher.backbone.register_tokens, ckpt["state_dict"]["objective.teacher.backbone.register_tokens"]
+    )
 
     with open_dict(cfg):
         cfg.trainer.max_steps = 6

@@ -11,7 +11,7 @@ import logging
 import lightning as L
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vitreg.models import VisionTransformer, ViTConfig, load_backbone_weights, vit_config
 from vitreg.ssl.ema import ema_update_
@@ -77,14 +77,16 @@ def build_objective(cfg: DictConfig) -> DINOv2Objective:
 
 
 class DINOv2Module(L.LightningModule):
-    def __init__(self, cfg: DictConfig, world_size: int = 1) -> None:
+    def __init__(self, cfg: DictConfig | dict, world_size: int = 1) -> None:
         super().__init__()
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        # Stored in every checkpoint, so DINOv2Module.load_from_checkpoint(path) needs nothing else.
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True), "world_size": world_size})
         self.cfg = cfg
         self.objective = build_objective(cfg)
         optim = cfg.optim
         self.global_batch = cfg.data.batch_size_per_device * world_size
         self.lr = scaled_lr(optim.base_lr, self.global_batch, optim.scaling_rule)
-        self.total_steps = optim.epochs * optim.official_epoch_length
         self.schedules = build_schedules(
             base_lr=self.lr,
             min_lr=optim.min_lr,
