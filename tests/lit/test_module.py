@@ -157,3 +157,16 @@ def test_nonfinite_loss_can_skip_steps_without_touching_weights():
         assert torch.equal(v, teacher_before[k]), k
     for k, v in module.student.state_dict().items():
         assert torch.equal(v, student_before[k]), k
+
+
+def test_backbone_follows_the_recipe():
+    from vitreg.lit.module import backbone_config
+
+    cfg = compose_config(["experiment=dinov2_vitl14_reg4"])
+    vit = backbone_config(cfg.model, cfg.augment.global_crops_size)
+    assert (vit.embed_dim, vit.depth, vit.num_heads, vit.patch_size, vit.img_size) == (1024, 24, 16, 14, 224)
+    assert (vit.ffn_layer, vit.hidden_dim, vit.num_register_tokens) == ("swiglu", 2736, 4)
+    assert (vit.drop_path_rate, vit.drop_path_uniform, vit.layerscale_init) == (0.4, True, 1e-5)
+    assert (vit.antialias, vit.offset) == (True, 0.0)
+    vitg = compose_config(["model=vitg"])
+    assert backbone_config(vitg.model, 224).ffn_layer == "swiglu"  # ffn_layer: null keeps the size's own

@@ -6,6 +6,7 @@ Per step, as DINOv2's ``train.py``: apply schedules[step] to the param groups â†
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import lightning as L
@@ -21,6 +22,7 @@ from vitreg.ssl.param_groups import apply_schedules, param_groups
 from vitreg.ssl.schedules import build_schedules, scaled_lr
 
 log = logging.getLogger(__name__)
+VIT_CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(ViTConfig))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,26 +30,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def backbone_config(model_cfg: DictConfig, img_size: int) -> ViTConfig:
-    """The student's ``ViTConfig`` from the ``model`` group; the positional table is stored at the
-    global-crop size, as DINOv2 does (global crops then need no interpolation)."""
-    extra = {} if model_cfg.ffn_layer is None else {"ffn_layer": model_cfg.ffn_layer}
-    return vit_config(
-        model_cfg.arch,
-        patch_size=model_cfg.patch_size,
-        img_size=img_size,
-        num_register_tokens=model_cfg.num_register_tokens,
-        drop_path_rate=model_cfg.drop_path_rate,
-        drop_path_uniform=model_cfg.drop_path_uniform,
-        layerscale_init=model_cfg.layerscale_init,
-        qkv_bias=model_cfg.qkv_bias,
-        proj_bias=model_cfg.proj_bias,
-        ffn_bias=model_cfg.ffn_bias,
-        interpolate_antialias=model_cfg.interpolate_antialias,
-        interpolate_offset=model_cfg.interpolate_offset,
-        register_pos_embed=model_cfg.register_pos_embed,
-        attn_backend=model_cfg.attn_backend,
-        **extra,
-    )
+    """The student's ``ViTConfig`` from the ``model`` group (its keys are ViTConfig's names). The
+    positional table is stored at the global-crop size, as DINOv2 does, so global crops need no
+    interpolation; ``ffn_layer: null`` keeps the size's own FFN."""
+    shared = {k: model_cfg[k] for k in VIT_CONFIG_KEYS if k in model_cfg}
+    if shared.get("ffn_layer") is None:
+        shared.pop("ffn_layer", None)
+    return vit_config(model_cfg.arch, img_size=img_size, **shared)
 
 
 def build_objective(cfg: DictConfig) -> DINOv2Objective:

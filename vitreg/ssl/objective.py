@@ -93,7 +93,7 @@ class DINOv2Objective(nn.Module):
         dino_targets = self._targets(cls_logits, temp, "dino_center")
         ibot_targets = None
         if patch_logits is not None:
-            total = batch["n_masked_patches"].to(cls.device).sum().clone()
+            total = batch["n_masked_patches"].to(cls.device).sum()
             all_reduce_sum_(total)  # SK normalises by the global number of masked tokens
             ibot_targets = self._targets(patch_logits, temp, "ibot_center", total_count=total)
         return dino_targets, ibot_targets
