@@ -52,3 +52,21 @@ def test_run_writes_checkpoint_config_metrics_and_resumes(tmp_path):
     assert resumed["steps"] == 6
     after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert after["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_keeps_its_id_across_restarts(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_config(
+        [*TINY, "trainer.max_steps=2", "logger=wandb", "logger.wandb.mode=offline"], run_dir=tmp_path / "run"
+    )
+    pretrain(cfg)
+    run = tmp_path / "run"
+    run_id = (run / "wandb_id.txt").read_text()
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert offline and all(p.name.endswith(run_id) for p in offline)
+    with open_dict(cfg):
+        cfg.trainer.max_steps = 3
+    pretrain(cfg)  # a requeued job: same W&B run id, resumed from last.ckpt
+    assert (run / "wandb_id.txt").read_text() == run_id
+    assert all(p.name.endswith(run_id) for p in (run / "wandb").glob("offline-run-*"))

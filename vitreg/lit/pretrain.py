@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 from pathlib import Path
 
@@ -39,10 +40,8 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
     w = cfg.logger.wandb
     id_file = run_dir / "wandb_id.txt"  # a requeued run continues the same W&B run
     if not id_file.exists():
-        import wandb.util
-
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(uuid.uuid4().hex[:12])
     return WandbLogger(
         project=w.project,
         entity=w.entity,
