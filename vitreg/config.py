@@ -124,11 +124,23 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class WebDatasetConfig:
+    shards: Any = None  # brace pattern "train-{000000..000127}.tar", a list, or a folder of .tar
+    resampled: bool = True  # infinite stream, shards drawn per (rank, worker); false: each shard once
+    shuffle_buffer: int = 1000  # samples per loader worker
+    min_image_side: int | None = None  # smaller images are skipped and counted; None: the local crop size
+    decode_draft: bool = True  # let libjpeg-turbo downscale big JPEGs while decoding (never below the global crop)
+    max_skip_fraction: float = 0.05  # abort when more than this fraction of samples is unusable
+    min_samples_before_abort: int = 1000  # ... measured over at least this many samples
+
+
+@dataclass
 class DataConfig:
-    name: str = "synthetic"
+    name: str = "synthetic"  # synthetic | webdataset
     batch_size_per_device: int = 64
     num_workers: int = 4
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    webdataset: WebDatasetConfig = field(default_factory=WebDatasetConfig)
 
 
 @dataclass
@@ -205,7 +217,7 @@ CHOICES = {
     "logger.kind": ("csv", "wandb", "none"),
     "logger.wandb.mode": ("online", "offline", "disabled"),
     "model.attn_backend": ("auto", "sdpa", "xformers", "math"),
-    "data.name": ("synthetic",),
+    "data.name": ("synthetic", "webdataset"),
 }
 
 
@@ -247,6 +259,14 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
         _fail("ssl.ibot.mask_ratio_min_max", f"must be [min, max] within [0, 1], got {[lo, hi]}")
     if not 0 <= c.ssl.ibot.mask_sample_probability <= 1:
         _fail("ssl.ibot.mask_sample_probability", f"must be in [0, 1], got {c.ssl.ibot.mask_sample_probability}")
+    if c.data.name == "webdataset" and not c.data.webdataset.shards:
+        _fail(
+            "data.webdataset.shards",
+            "no shards given: set it to a brace pattern, a list or a folder of .tar files "
+            "(make them with scripts/make_shards.py)",
+        )
+    if not 0 <= c.data.webdataset.max_skip_fraction <= 1:
+        _fail("data.webdataset.max_skip_fraction", f"must be in [0, 1], got {c.data.webdataset.max_skip_fraction}")
     if c.data.batch_size_per_device < 1:
         _fail("data.batch_size_per_device", f"must be >= 1, got {c.data.batch_size_per_device}")
     if c.ssl.dino.koleo_loss_weight > 0 and c.data.batch_size_per_device < 2:

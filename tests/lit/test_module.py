@@ -170,3 +170,20 @@ def test_backbone_follows_the_recipe():
     assert (vit.antialias, vit.offset) == (True, 0.0)
     vitg = compose_config(["model=vitg"])
     assert backbone_config(vitg.model, 224).ffn_layer == "swiglu"  # ffn_layer: null keeps the size's own
+
+
+def test_data_health_logs_skips_and_stops_past_the_bound():
+    from vitreg.lit.callbacks import DataHealth
+
+    logged = {}
+
+    class Module:
+        def log_dict(self, metrics, **kwargs):
+            logged.update(metrics)
+
+    health = DataHealth(max_skip_fraction=0.1, min_samples=20)
+    health.on_train_batch_end(None, Module(), None, {"skipped": {"corrupt": 1, "shard_unreadable": 1}, "seen": 10}, 0)
+    assert logged["data/skipped/corrupt"] == 1 and logged["data/skip_fraction"] == pytest.approx(0.1)
+    health.on_train_batch_end(None, Module(), None, {"skipped": {}, "seen": 10}, 1)  # 1/20: fine
+    with pytest.raises(RuntimeError, match=r"unusable .* above data\.webdataset\.max_skip_fraction=0\.1"):
+        health.on_train_batch_end(None, Module(), None, {"skipped": {"truncated": 3}, "seen": 5}, 2)

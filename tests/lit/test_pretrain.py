@@ -70,3 +70,43 @@ def test_wandb_offline_run_keeps_its_id_across_restarts(tmp_path, monkeypatch):
     pretrain(cfg)  # a requeued job: same W&B run id, resumed from last.ckpt
     assert (run / "wandb_id.txt").read_text() == run_id
     assert all(p.name.endswith(run_id) for p in (run / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_training_streams_shards_made_by_make_shards(tmp_path):
+    """The user path: a folder of images -> scripts/make_shards.py's writer -> data=webdataset."""
+    from PIL import Image
+
+    from vitreg.data.shards import find_images, write_shards
+    from vitreg.data.synthetic import SyntheticShapes
+
+    images = SyntheticShapes(24, image_size=40, num_classes=3, seed=0)
+    for i in range(len(images)):
+        img, label = images.render(i)
+        folder = tmp_path / "images" / images.class_names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i}.jpg", quality=90)
+    (tmp_path / "images" / images.class_names[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    items, classes = find_images(tmp_path / "images")
+    summary = write_shards(items, tmp_path / "shards", max_count=8, class_names=classes, progress=False)
+    assert summary.images_written == 24 and len(summary.shards) == 3 and len(summary.skipped) == 1
+
+    cfg = compose_config(
+        [
+            *TINY,
+            "data=webdataset",
+            f"data.webdataset.shards={tmp_path / 'shards'}",
+            "data.batch_size_per_device=4",
+            "data.num_workers=0",
+            "data.webdataset.shuffle_buffer=8",
+            "trainer.max_steps=3",
+            "trainer.log_every_n_steps=1",
+            "callbacks.knn_eval=false",
+        ],
+        run_dir=tmp_path / "run",
+    )
+    result = pretrain(cfg)
+    assert result["steps"] == 3
+    with open(tmp_path / "run" / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert "data/skip_fraction" in rows[0] and float(rows[-1]["data/skip_fraction"] or 0) == 0.0

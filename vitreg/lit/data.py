@@ -1,4 +1,5 @@
-"""LightningDataModule over the embedded synthetic dataset, through the real multi-crop + collate path."""
+"""LightningDataModules: the embedded synthetic dataset and streamed WebDataset shards, both through the
+real multi-crop + collate path."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from vitreg.data.collate import MultiCropCollator
+from vitreg.data.shards import list_shards
 from vitreg.data.synthetic import SyntheticShapes
 from vitreg.data.transforms import MultiCropTransform, normalize, resize
+from vitreg.data.webdataset import SKIPS, ShardStream
 
 
 class EvalTransform:
@@ -91,3 +94,54 @@ class SyntheticDataModule(L.LightningDataModule):
         queries = self._dataset(self.syn.knn_val_images, "val", transform)
         workers = min(self.cfg.data.num_workers, 2)
         return tuple(DataLoader(d, batch_size=batch_size, num_workers=workers) for d in (bank, queries))
+
+
+class CountingCollate:
+    """The multi-crop collate, plus what the worker skipped since its previous batch (``skipped``,
+    by reason) and how many samples it looked at (``seen``), for the DataHealth callback."""
+
+    def __init__(self, collator: MultiCropCollator) -> None:
+        self.collator = collator
+        self._seen_reported = 0
+
+    def __call__(self, samples: list) -> dict:
+        batch = self.collator(samples)
+        batch["skipped"] = SKIPS.take_new()
+        batch["seen"] = SKIPS.seen - self._seen_reported
+        self._seen_reported = SKIPS.seen
+        return batch
+
+
+def shard_urls(shards) -> list[str]:
+    """Expand ``data.webdataset.shards`` (a pattern, a folder, or a list of either) into shard URLs."""
+    items = [shards] if isinstance(shards, str) else list(shards)
+    return [url for item in items for url in list_shards(item)]
+
+
+class WebDataModule(L.LightningDataModule):
+    """Training batches streamed from WebDataset shards through the multi-crop + collate path."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def train_dataloader(self) -> DataLoader:
+        data, wds_cfg, augment = self.cfg.data, self.cfg.data.webdataset, self.cfg.augment
+        stream = ShardStream(
+            shard_urls(wds_cfg.shards),
+            multicrop_transform(self.cfg),
+            seed=self.cfg.seed,
+            resampled=wds_cfg.resampled,
+            shuffle_buffer=wds_cfg.shuffle_buffer,
+            min_side=wds_cfg.min_image_side or augment.local_crops_size,
+            draft_side=augment.global_crops_size if wds_cfg.decode_draft else None,
+        )
+        return DataLoader(
+            stream,
+            batch_size=data.batch_size_per_device,
+            num_workers=data.num_workers,
+            persistent_workers=data.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=CountingCollate(multicrop_collator(self.cfg)),
+            drop_last=True,
+        )

@@ -14,8 +14,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
 from vitreg.config import validate_config
-from vitreg.lit.callbacks import KNNProbe
-from vitreg.lit.data import SyntheticDataModule
+from vitreg.lit.callbacks import DataHealth, KNNProbe
+from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def pretrain(cfg: DictConfig) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = SyntheticDataModule(cfg)
+    datamodule = SyntheticDataModule(cfg) if cfg.data.name == "synthetic" else WebDataModule(cfg)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
@@ -83,8 +83,11 @@ def pretrain(cfg: DictConfig) -> dict:
             save_top_k=1,
         )
     ]
+    if cfg.data.name == "webdataset":
+        w = cfg.data.webdataset
+        callbacks.append(DataHealth(w.max_skip_fraction, w.min_samples_before_abort))
     knn = None
-    if cfg.callbacks.knn_eval:
+    if cfg.callbacks.knn_eval and cfg.data.name == "synthetic":  # needs labelled held-out images
         knn = KNNProbe(
             datamodule.knn_loaders,
             cfg.callbacks.knn_k,

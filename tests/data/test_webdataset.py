@@ -1,0 +1,182 @@
+"""Streaming shards: ranks and workers see different data, a seed reproduces the stream, and bad
+data (corrupt images, empty or non-image members, truncated or missing shards) is skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import vitreg.data.webdataset as wdsmod
+from vitreg.data.webdataset import ShardStream, SkipCounter
+
+
+def jpeg_bytes(value: int, size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (value % 256, 40, 90)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def make_shards(tmp_path, n_shards: int = 4, per_shard: int = 6) -> list[str]:
+    """Label = shard * 100 + index, so every sample says where it came from."""
+    urls = []
+    for s in range(n_shards):
+        members = []
+        for i in range(per_shard):
+            key = f"s{s:02d}_{i:03d}"
+            members += [(f"{key}.jpg", jpeg_bytes(s * 100 + i)), (f"{key}.cls", str(s * 100 + i).encode())]
+        urls.append(write_tar(tmp_path / f"train-{s:06d}.tar", members))
+    return urls
+
+
+@pytest.fixture(autouse=True)
+def fresh_counter(monkeypatch):
+    counter = SkipCounter()
+    monkeypatch.setattr(wdsmod, "SKIPS", counter)
+    return counter
+
+
+def labels_of(stream, workers: int = 0, limit: int | None = None) -> list[int]:
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    out = []
+    for _, label in loader:
+        out.append(int(label))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def test_each_rank_and_worker_reads_its_own_shards_once(tmp_path, monkeypatch):
+    urls = make_shards(tmp_path, n_shards=8)
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        got = labels_of(ShardStream(urls, resampled=False, shuffle_buffer=4), workers=2)
+        shards = {label // 100 for label in got}
+        assert shards == set(range(rank, 8, 2))  # shards[rank::world]
+        seen += got
+    assert sorted(seen) == sorted(s * 100 + i for s in range(8) for i in range(6))  # each sample exactly once
+
+
+def test_resampled_streams_are_reproducible_and_differ_per_rank(tmp_path, monkeypatch):
+    urls = make_shards(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    first = labels_of(ShardStream(urls, seed=1, shuffle_buffer=8), limit=60)
+    again = labels_of(ShardStream(urls, seed=1, shuffle_buffer=8), limit=60)
+    other_seed = labels_of(ShardStream(urls, seed=2, shuffle_buffer=8), limit=60)
+    monkeypatch.setenv("RANK", "1")
+    other_rank = labels_of(ShardStream(urls, seed=1, shuffle_buffer=8), limit=60)
+    assert first == again
+    assert first != other_seed and first != other_rank
+    assert len({label // 100 for label in first}) > 1  # draws several shards
+
+
+def test_workers_get_different_resampled_streams(tmp_path):
+    urls = make_shards(tmp_path)
+    loader = DataLoader(ShardStream(urls, seed=3, shuffle_buffer=4), batch_size=6, num_workers=2)
+    batches = []
+    for _, labels in loader:
+        batches.append(labels.tolist())
+        if len(batches) == 4:
+            break
+    # DataLoader alternates workers: batches 0, 2 come from worker 0 and 1, 3 from worker 1
+    assert batches[0] != batches[1] and batches[2] != batches[3]
+
+
+def test_bad_data_is_skipped_counted_and_survived(tmp_path, fresh_counter):
+    good = make_shards(tmp_path, n_shards=1, per_shard=4)
+    jpeg = jpeg_bytes(7)
+    broken = write_tar(
+        tmp_path / "broken.tar",
+        [
+            ("a.jpg", jpeg[: len(jpeg) // 2]),
+            ("a.cls", b"900"),  # truncated JPEG
+            ("b.jpg", b""),
+            ("b.cls", b"901"),  # zero-byte member
+            ("c.txt", b"just a caption"),  # no image at all
+            ("d.jpg", b"this is not an image"),
+            ("d.cls", b"903"),
+            ("e.jpg", jpeg_bytes(5, size=8)),
+            ("e.cls", b"904"),  # smaller than min_side
+            ("f.jpg", jpeg_bytes(9)),
+            ("f.cls", b"905"),  # fine
+        ],
+    )
+    whole = Path(good[0]).read_bytes()
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(whole[:1000])  # cut inside the first JPEG member data (its header is 512 bytes)
+    missing = str(tmp_path / "missing.tar")
+    stream = ShardStream([good[0], broken, str(truncated), missing], resampled=False, shuffle_buffer=1, min_side=16)
+    got = sorted(labels_of(stream))
+    assert 905 in got and all(label in got for label in (0, 1, 2, 3))
+    assert not {900, 901, 903, 904} & set(got)
+    counts = fresh_counter.counts
+    assert counts["empty"] == 1 and counts["no_image"] == 1 and counts["too_small"] == 1
+    assert counts["truncated"] + counts["corrupt"] >= 1 and counts["not_an_image"] == 1
+    assert counts["shard_unreadable"] == 1 and counts["shard_truncated"] == 1
+
+
+def test_no_readable_shard_is_a_clear_error(tmp_path):
+    stream = ShardStream([str(tmp_path / "nope-0.tar"), str(tmp_path / "nope-1.tar")], resampled=True)
+    with pytest.raises(RuntimeError, match=r"no readable sample in \d+ shard reads in a row"):
+        labels_of(stream, limit=1)
+
+
+def test_empty_shard_list_is_rejected():
+    with pytest.raises(ValueError, match=r"data\.webdataset\.shards: no shards given"):
+        ShardStream([])
+
+
+def _rank_stream(rank: int, world: int, port: int, urls: list[str], out: dict) -> None:
+    os.environ.pop("RANK", None)
+    os.environ.pop("WORLD_SIZE", None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        loader = DataLoader(ShardStream(urls, seed=5, shuffle_buffer=4), batch_size=4, num_workers=2)
+        labels = []
+        for _, batch_labels in loader:
+            labels += batch_labels.tolist()
+            if len(labels) >= 24:
+                break
+        out[rank] = labels
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_stream_different_reproducible_data(tmp_path):
+    urls = make_shards(tmp_path, n_shards=6)
+
+    def run() -> dict:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        manager = mp.Manager()
+        out = manager.dict()
+        mp.spawn(_rank_stream, args=(2, port, urls, out), nprocs=2, join=True)
+        return dict(out)
+
+    first, second = run(), run()
+    assert first == second  # the same seed reproduces every rank's stream
+    assert first[0] != first[1]  # ranks read different data
+    assert torch.tensor(first[0]).unique().numel() > 4
