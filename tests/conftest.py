@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,10 @@ def compose_config(overrides: list[str] | None = None, run_dir: Path | None = No
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=overrides or [])
-    if run_dir is not None:
-        with open_dict(cfg):
+    with open_dict(cfg):
+        # generated shards are keyed by their parameters, so tests can share one cache outside the repo
+        cfg.paths.cache_dir = str(Path(tempfile.gettempdir()) / "vitreg-test-cache")
+        if run_dir is not None:
             cfg.paths.run_dir = str(run_dir)
     return cfg
 

@@ -119,6 +119,7 @@ class SyntheticDataConfig:
     image_size: int = 112
     num_classes: int = 10
     class_appearance: bool = True  # a class = shape + typical hue and texture; false: shape only (harder)
+    as_shards: bool = True  # written once as shards under paths.cache_dir and streamed like real data
     knn_train_images: int = 1000  # held-out sets for the before/after kNN check
     knn_val_images: int = 500
 
@@ -181,6 +182,7 @@ class CallbacksConfig:
 @dataclass
 class PathsConfig:
     output_root: str = "outputs"
+    cache_dir: str = "${paths.output_root}/.cache"  # generated data (the synthetic shards), reused by later runs
     run_dir: str = "${paths.output_root}/${run_name}"
 
 

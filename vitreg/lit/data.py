@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from vitreg.data.collate import MultiCropCollator
 from vitreg.data.shards import list_shards
 from vitreg.data.synthetic import SyntheticShapes
+from vitreg.data.synthetic_shards import ensure_synthetic_shards
 from vitreg.data.transforms import MultiCropTransform, normalize, resize
 from vitreg.data.webdataset import SKIPS, ShardStream
 
@@ -70,6 +71,16 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self.cfg.data
+        if self.syn.as_shards:  # the default: the same streaming path as real shards
+            shards = ensure_synthetic_shards(
+                self.cfg.paths.cache_dir,
+                num_images=self.syn.num_images,
+                image_size=self.syn.image_size,
+                num_classes=self.syn.num_classes,
+                seed=self.cfg.seed,
+                class_appearance=self.syn.class_appearance,
+            )
+            return stream_loader(self.cfg, shards)
         dataset = self._dataset(self.syn.num_images, "train", multicrop_transform(self.cfg))
         if data.batch_size_per_device > len(dataset):
             raise ValueError(
@@ -118,6 +129,29 @@ def shard_urls(shards) -> list[str]:
     return [url for item in items for url in list_shards(item)]
 
 
+def stream_loader(cfg: DictConfig, shards: list[str]) -> DataLoader:
+    """A DataLoader streaming ``shards`` through decode, multi-crop and collate (with skip counts)."""
+    data, wds_cfg, augment = cfg.data, cfg.data.webdataset, cfg.augment
+    stream = ShardStream(
+        shards,
+        multicrop_transform(cfg),
+        seed=cfg.seed,
+        resampled=wds_cfg.resampled,
+        shuffle_buffer=wds_cfg.shuffle_buffer,
+        min_side=wds_cfg.min_image_side or augment.local_crops_size,
+        draft_side=augment.global_crops_size if wds_cfg.decode_draft else None,
+    )
+    return DataLoader(
+        stream,
+        batch_size=data.batch_size_per_device,
+        num_workers=data.num_workers,
+        persistent_workers=data.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=CountingCollate(multicrop_collator(cfg)),
+        drop_last=True,
+    )
+
+
 class WebDataModule(L.LightningDataModule):
     """Training batches streamed from WebDataset shards through the multi-crop + collate path."""
 
@@ -126,22 +160,4 @@ class WebDataModule(L.LightningDataModule):
         self.cfg = cfg
 
     def train_dataloader(self) -> DataLoader:
-        data, wds_cfg, augment = self.cfg.data, self.cfg.data.webdataset, self.cfg.augment
-        stream = ShardStream(
-            shard_urls(wds_cfg.shards),
-            multicrop_transform(self.cfg),
-            seed=self.cfg.seed,
-            resampled=wds_cfg.resampled,
-            shuffle_buffer=wds_cfg.shuffle_buffer,
-            min_side=wds_cfg.min_image_side or augment.local_crops_size,
-            draft_side=augment.global_crops_size if wds_cfg.decode_draft else None,
-        )
-        return DataLoader(
-            stream,
-            batch_size=data.batch_size_per_device,
-            num_workers=data.num_workers,
-            persistent_workers=data.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=CountingCollate(multicrop_collator(self.cfg)),
-            drop_last=True,
-        )
+        return stream_loader(self.cfg, shard_urls(self.cfg.data.webdataset.shards))

@@ -83,7 +83,7 @@ def pretrain(cfg: DictConfig) -> dict:
             save_top_k=1,
         )
     ]
-    if cfg.data.name == "webdataset":
+    if cfg.data.name == "webdataset" or cfg.data.synthetic.as_shards:
         w = cfg.data.webdataset
         callbacks.append(DataHealth(w.max_skip_fraction, w.min_samples_before_abort))
     knn = None

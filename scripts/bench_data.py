@@ -1,0 +1,413 @@
+"""Data loading speed of ONE loader worker: JPEG decode + DINOv2 multi-crop, ours against a plain PIL pipeline.
+
+Everything runs in this process on one thread (``torch.set_num_threads(1)``), which is what one
+DataLoader worker does, so the img/s printed are per worker, i.e. per CPU core. A shard set of
+JPEG-compressible photo-like images (SyntheticShapes upscaled plus sensor-like grain) is written
+first with ``write_shards``. Then, side by side:
+
+- ours: ``ShardStream(..., MultiCropTransform(...), draft_side=global size)`` iterated directly:
+  simplejpeg decode (with libjpeg-turbo draft downscaling when the image is large enough) + the
+  torch transforms;
+- baseline: the same tar members read with ``tarfile``, ``PIL.Image.open(...).convert("RGB")``, and the
+  DINOv2 recipe with PIL ops (``resize(box=..., BICUBIC)``, ``ImageEnhance``, HSV hue shift in numpy,
+  ``ImageFilter.GaussianBlur``, ``ImageOps.solarize``), then numpy -> torch and normalisation.
+
+Also printed: decode-only and transform-only img/s (pre-read bytes / pre-decoded images), to show
+where the time goes. ``--photometric-batched`` adds the design measurement: geometric-only crops in
+uint8 per sample (what a worker would still do) and the photometric ops (jitter, grayscale, blur,
+solarize, normalise) per crop against batched over stacked crops, on this CPU.
+
+    python scripts/bench_data.py
+    python scripts/bench_data.py --photometric-batched
+    python scripts/bench_data.py --images 128 --size 1024x768 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import shutil
+import statistics
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import PIL
+import simplejpeg
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from vitreg.data.decode import decode_image
+from vitreg.data.shards import write_shards
+from vitreg.data.synthetic import SyntheticShapes
+from vitreg.data.transforms import (
+    BLUR_PROBABILITIES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiCropTransform,
+    adjust_brightness,
+    adjust_hue,
+    adjust_saturation,
+    color_jitter,
+    normalize,
+    random_gaussian_blur,
+    rgb_to_grayscale,
+    sample_crop_box,
+    solarize,
+)
+from vitreg.data.webdataset import ShardStream
+
+GLOBAL_SCALE, LOCAL_SCALE = (0.32, 1.0), (0.05, 0.32)
+GRAIN_SIGMA = 4.0  # grey levels of per-pixel noise: keeps the JPEGs from compressing like flat cartoons
+
+
+# ---------------------------------------------------------------- the shard set
+def make_shard_set(out: Path, images: int, width: int, height: int, quality: int) -> list[str]:
+    """``images`` JPEGs of ``width`` x ``height`` written as shards under ``out``; returns the shard paths."""
+    shapes = SyntheticShapes(images, image_size=max(16, min(width, height) // 2), seed=0)
+    rng = np.random.default_rng(0)
+    jpg_dir = out / "jpg"
+    jpg_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(images):
+        small, _ = shapes.render(i)
+        img = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+        img = np.clip(img + rng.normal(0.0, GRAIN_SIGMA, img.shape), 0, 255).round().astype(np.uint8)
+        path = jpg_dir / f"{i:06d}.jpg"
+        Image.fromarray(img).save(path, quality=quality)
+        paths.append(path)
+    summary = write_shards(paths, out, prefix="bench", max_count=128, progress=False, overwrite=True)
+    shutil.rmtree(jpg_dir)
+    return summary.shards
+
+
+def read_jpegs(shards: Iterable[str]) -> list[bytes]:
+    """The ``.jpg`` members of the shards, in order, read with tarfile (what the baseline reads)."""
+    blobs = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            blobs.extend(tar.extractfile(m).read() for m in tar if m.isfile() and m.name.endswith(".jpg"))
+    return blobs
+
+
+# ---------------------------------------------------------------- the PIL baseline
+def pil_adjust_hue(img: Image.Image, factor: float) -> Image.Image:
+    """Shift hue by ``factor`` turns: H plane of PIL's HSV, shifted with uint8 wrap-around."""
+    h, s, v = img.convert("HSV").split()
+    shifted = np.asarray(h, dtype=np.uint8) + np.uint8(round(factor * 255) % 256)  # uint8 arrays wrap mod 256
+    return Image.merge("HSV", (Image.fromarray(shifted, "L"), s, v)).convert("RGB")
+
+
+class PilMultiCrop:
+    """DINOv2's multi-crop with PIL ops, per sample, as a straightforward torchvision-free PIL pipeline would do it.
+
+    Same random law as :class:`MultiCropTransform` (crop box, flip 0.5, jitter p=0.8 in random order,
+    grayscale 0.2, blur with DINOv2's effective probabilities, solarize 0.2 on the second global crop),
+    drawn from Python's ``random`` (cheaper than torch's RNG, so if anything this flatters the baseline).
+    """
+
+    def __init__(self, global_size: int, local_size: int, local_number: int, seed: int = 0) -> None:
+        self.global_size, self.local_size, self.local_number = global_size, local_size, local_number
+        self.blur_g1, self.blur_g2, self.blur_local = BLUR_PROBABILITIES["dinov2"]
+        self.rng = random.Random(seed)
+        self.mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255
+        self.inv_std = 1.0 / (np.array(IMAGENET_STD, dtype=np.float32) * 255)
+
+    def box(self, width: int, height: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+        """``(left, top, right, bottom)`` of a RandomResizedCrop box (ratio 3/4..4/3, 10 tries, central fallback)."""
+        rng, area = self.rng, width * height
+        for _ in range(10):
+            target = area * rng.uniform(*scale)
+            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            w, h = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
+            if 0 < w <= width and 0 < h <= height:
+                left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+                return left, top, left + w, top + h
+        ratio = width / height
+        if ratio < 3 / 4:
+            w, h = width, round(width * 4 / 3)
+        elif ratio > 4 / 3:
+            w, h = round(height * 4 / 3), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def jitter(self, img: Image.Image) -> Image.Image:
+        rng = self.rng
+        ops = [
+            lambda x: ImageEnhance.Brightness(x).enhance(rng.uniform(0.6, 1.4)),
+            lambda x: ImageEnhance.Contrast(x).enhance(rng.uniform(0.6, 1.4)),
+            lambda x: ImageEnhance.Color(x).enhance(rng.uniform(0.8, 1.2)),
+            lambda x: pil_adjust_hue(x, rng.uniform(-0.1, 0.1)),
+        ]
+        for i in rng.sample(range(4), 4):
+            img = ops[i](img)
+        return img
+
+    def crop(self, img: Image.Image, size: int, scale: tuple[float, float], blur_p: float, sol_p: float) -> torch.Tensor:
+        rng = self.rng
+        x = img.resize((size, size), Image.Resampling.BICUBIC, box=self.box(*img.size, scale))
+        if rng.random() < 0.5:
+            x = x.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if rng.random() < 0.8:
+            x = self.jitter(x)
+        if rng.random() < 0.2:
+            x = x.convert("L").convert("RGB")
+        if rng.random() < blur_p:
+            x = x.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+        if sol_p > 0 and rng.random() < sol_p:
+            x = ImageOps.solarize(x, 128)
+        arr = (np.asarray(x, dtype=np.float32) - self.mean) * self.inv_std
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def __call__(self, img: Image.Image) -> dict[str, list[torch.Tensor]]:
+        g, loc = self.global_size, self.local_size
+        return {
+            "global_crops": [
+                self.crop(img, g, GLOBAL_SCALE, self.blur_g1, 0.0),
+                self.crop(img, g, GLOBAL_SCALE, self.blur_g2, 0.2),
+            ],
+            "local_crops": [
+                self.crop(img, loc, LOCAL_SCALE, self.blur_local, 0.0) for _ in range(self.local_number)
+            ],
+        }
+
+
+def pil_decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def pil_stream(shards: Iterable[str], transform: PilMultiCrop) -> Iterable[dict[str, list[torch.Tensor]]]:
+    """The baseline loader worker: tar members -> PIL decode -> PIL multi-crop."""
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".jpg"):
+                    yield transform(pil_decode(tar.extractfile(member).read()))
+
+
+# ---------------------------------------------------------------- photometric: per crop vs batched
+def geometric_uint8(img: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
+    """RandomResizedCrop + flip kept in uint8 (torch resamples uint8 directly: PIL-like rounding, no float pass)."""
+    top, left, h, w = sample_crop_box(img.shape[-2], img.shape[-1], scale)
+    crop = img[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+    return out.flip(-1) if torch.rand(1).item() < 0.5 else out
+
+
+def photometric_per_crop(x: torch.Tensor, blur_p: float, sol_p: float) -> torch.Tensor:
+    """The photometric tail of ``MultiCropTransform`` for one float crop in [0, 1]."""
+    if torch.rand(1).item() < 0.8:
+        x = color_jitter(x)
+    if torch.rand(1).item() < 0.2:
+        x = rgb_to_grayscale(x)
+    x = random_gaussian_blur(x, blur_p)
+    if sol_p > 0 and torch.rand(1).item() < sol_p:
+        x = solarize(x)
+    return normalize(x)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    return (x * torch.tensor((0.299, 0.587, 0.114), dtype=x.dtype).view(3, 1, 1)).sum(dim=-3, keepdim=True)
+
+
+def _batched_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return torch.lerp(_luma(x).mean(dim=(-3, -2, -1), keepdim=True), x, factor).clamp_(0.0, 1.0)
+
+
+# brightness, saturation and hue broadcast over a (N, 1, 1, 1) factor as they are; contrast needs a per-image mean.
+_JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    adjust_brightness,
+    _batched_contrast,
+    adjust_saturation,
+    adjust_hue,
+)
+
+
+def _batched_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 9) -> torch.Tensor:
+    """Per-image Gaussian blur of square crops, reflect padding: ``B_i @ x_i @ B_i^T`` with a banded matrix each."""
+    n, side, half = x.shape[0], x.shape[-1], kernel_size // 2
+    t = torch.arange(-half, half + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    kernel /= kernel.sum(dim=1, keepdim=True)
+    taps = (torch.arange(side)[:, None] + torch.arange(-half, half + 1)[None]).abs()
+    taps = torch.where(taps > side - 1, 2 * (side - 1) - taps, taps)
+    rows = torch.zeros(n, side, side, dtype=x.dtype)
+    rows.scatter_add_(2, taps.expand(n, -1, -1), kernel[:, None, :].expand(n, side, -1).contiguous())
+    rows = rows[:, None]
+    return rows @ x @ rows.transpose(-1, -2)
+
+
+def photometric_batched(crops: torch.Tensor, blur_p: torch.Tensor, sol_p: torch.Tensor) -> torch.Tensor:
+    """The same ops and random law as :func:`photometric_per_crop`, on a stacked ``(N, 3, S, S)`` uint8 batch.
+
+    Each crop keeps its own coins and factors; the per-crop random order of the jitter ops is applied by
+    running, for each of the 4 positions, each op on the crops that have it at that position.
+    """
+    n = crops.shape[0]
+    x = crops.float().div_(255.0)
+    jittered = (torch.rand(n) < 0.8).nonzero().squeeze(1)
+    order = torch.rand(n, 4).argsort(dim=1)
+    factors = torch.stack(
+        [
+            torch.empty(n).uniform_(0.6, 1.4),
+            torch.empty(n).uniform_(0.6, 1.4),
+            torch.empty(n).uniform_(0.8, 1.2),
+            torch.empty(n).uniform_(-0.1, 0.1),
+        ]
+    ).view(4, n, 1, 1, 1)
+    for position in range(4):
+        for op in range(4):
+            idx = jittered[order[jittered, position] == op]
+            if idx.numel():
+                x[idx] = _JITTER_OPS[op](x[idx], factors[op, idx])
+    gray = (torch.rand(n) < 0.2).nonzero().squeeze(1)
+    if gray.numel():
+        x[gray] = _luma(x[gray]).expand(-1, 3, -1, -1)
+    blurred = (torch.rand(n) < blur_p).nonzero().squeeze(1)
+    if blurred.numel():
+        x[blurred] = _batched_blur(x[blurred], torch.empty(blurred.numel()).uniform_(0.1, 2.0))
+    solarized = (torch.rand(n) < sol_p).nonzero().squeeze(1)
+    if solarized.numel():
+        x[solarized] = torch.where(x[solarized] >= 128 / 255, 1.0 - x[solarized], x[solarized])
+    return normalize(x)
+
+
+def bench_photometric(images: list[torch.Tensor], args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per image of: geometric uint8 per sample, photometric per crop, photometric batched."""
+    g1, g2, loc = BLUR_PROBABILITIES["dinov2"]
+    totals = {"geometric_uint8": 0.0, "photometric_per_crop": 0.0, "photometric_batched": 0.0}
+    for start in range(0, len(images), args.batch):
+        chunk = images[start : start + args.batch]
+        b = len(chunk)
+        t0 = time.perf_counter()
+        per_image = [
+            [geometric_uint8(img, args.global_size, GLOBAL_SCALE) for _ in range(2)]
+            + [geometric_uint8(img, args.local_size, LOCAL_SCALE) for _ in range(args.local_crops)]
+            for img in chunk
+        ]
+        totals["geometric_uint8"] += time.perf_counter() - t0
+
+        # per crop: the float crops MultiCropTransform would hand to its photometric ops (conversion not timed)
+        floats = [[c.float().div_(255.0) for c in crops] for crops in per_image]
+        t0 = time.perf_counter()
+        for crops in floats:
+            for i, c in enumerate(crops):
+                blur_p = g1 if i == 0 else g2 if i == 1 else loc
+                photometric_per_crop(c, blur_p, 0.2 if i == 1 else 0.0)
+        totals["photometric_per_crop"] += time.perf_counter() - t0
+
+        # batched: stack (as a collate would), then one pass per crop size
+        t0 = time.perf_counter()
+        globals_ = torch.stack([crops[i] for i in range(2) for crops in per_image])  # [g1 of all, g2 of all]
+        locals_ = torch.stack([c for crops in per_image for c in crops[2:]])
+        blur_p = torch.tensor([g1] * b + [g2] * b)
+        sol_p = torch.tensor([0.0] * b + [0.2] * b)
+        photometric_batched(globals_, blur_p, sol_p)
+        photometric_batched(locals_, torch.full((len(locals_),), loc), torch.zeros(len(locals_)))
+        totals["photometric_batched"] += time.perf_counter() - t0
+    return {k: v / len(images) for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------- timing
+def rate(fn: Callable[[], int], repeats: int) -> tuple[float, float]:
+    """(median, best) items/s of ``fn`` (which returns how many items it processed) over ``repeats`` runs."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.median(rates), max(rates)
+
+
+def consume(iterable: Iterable) -> int:
+    return sum(1 for _ in iterable)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--size", default="500x375", help="WxH of the generated JPEGs")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated images")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=98)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    parser.add_argument("--out", type=Path, default=None, help="shard folder (default: a temporary one)")
+    parser.add_argument("--photometric-batched", action="store_true", help="also measure batched photometric ops")
+    parser.add_argument("--batch", type=int, default=64, help="images per batch for --photometric-batched")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    torch.set_num_threads(1)
+    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="bench_data_")
+    out = args.out or Path(tmp.name)
+    try:
+        t0 = time.perf_counter()
+        shards = make_shard_set(out, args.images, width, height, args.quality)
+        blobs = read_jpegs(shards)
+        print(
+            f"torch={torch.__version__} threads={torch.get_num_threads()} Pillow={PIL.__version__} "
+            f"simplejpeg={simplejpeg.__version__} numpy={np.__version__}\n"
+            f"{len(blobs)} JPEGs {width}x{height} q{args.quality} in {len(shards)} shards, "
+            f"mean {np.mean([len(b) for b in blobs]) / 1e3:.1f} kB (generated in {time.perf_counter() - t0:.0f} s); "
+            f"crops 2x{args.global_size} + {args.local_crops}x{args.local_size}, repeats={args.repeats} (median, best)"
+        )
+        ours = MultiCropTransform(
+            global_crops_size=args.global_size, local_crops_size=args.local_size, local_crops_number=args.local_crops
+        )
+        baseline = PilMultiCrop(args.global_size, args.local_size, args.local_crops)
+        draft = args.global_size
+
+        def ours_pipeline() -> int:
+            stream = ShardStream(shards, ours, resampled=False, shuffle_buffer=1, draft_side=draft, rank_world=(0, 1))
+            return consume(stream)
+
+        torch.manual_seed(0)
+        rows: list[tuple[str, float, float]] = []
+        decoded = [decode_image(b, draft_side=draft) for b in blobs]
+        pil_images = [pil_decode(b) for b in blobs]
+        for name, fn in (
+            ("decode  PIL open+convert(RGB)", lambda: consume(pil_decode(b) for b in blobs)),
+            ("decode  decode_image(draft_side)", lambda: consume(decode_image(b, draft_side=draft) for b in blobs)),
+            ("decode  decode_image(no draft)", lambda: consume(decode_image(b) for b in blobs)),
+            ("crops   PIL baseline", lambda: consume(baseline(img) for img in pil_images)),
+            ("crops   MultiCropTransform", lambda: consume(ours(img) for img in decoded)),
+            ("total   PIL baseline (tar->crops)", lambda: consume(pil_stream(shards, baseline))),
+            ("total   ours: ShardStream", ours_pipeline),
+        ):
+            rows.append((name, *rate(fn, args.repeats)))
+        print(f"\n{'per worker, 1 thread':36s} {'img/s':>8s} {'best':>8s} {'ms/img':>8s}")
+        for name, median, best in rows:
+            print(f"{name:36s} {median:8.1f} {best:8.1f} {1e3 / median:8.2f}")
+        speed = {name: median for name, median, _ in rows}
+        print(
+            f"\nours / baseline: total {speed['total   ours: ShardStream'] / speed['total   PIL baseline (tar->crops)']:.2f}x, "
+            f"decode {speed['decode  decode_image(draft_side)'] / speed['decode  PIL open+convert(RGB)']:.2f}x, "
+            f"crops {speed['crops   MultiCropTransform'] / speed['crops   PIL baseline']:.2f}x"
+        )
+
+        if args.photometric_batched:
+            sec = bench_photometric(decoded, args)
+            print(
+                f"\nphotometric ops (jitter, grayscale, blur, solarize, normalise), ms per image of "
+                f"2x{args.global_size} + {args.local_crops}x{args.local_size} crops, batch {args.batch}, CPU 1 thread:\n"
+                f"  geometric only, uint8 out, per sample   {sec['geometric_uint8'] * 1e3:7.2f}\n"
+                f"  photometric per crop (as now)           {sec['photometric_per_crop'] * 1e3:7.2f}\n"
+                f"  photometric batched (stack + 2 passes)  {sec['photometric_batched'] * 1e3:7.2f}  "
+                f"({sec['photometric_per_crop'] / sec['photometric_batched']:.2f}x faster than per crop)"
+            )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
