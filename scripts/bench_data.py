@@ -13,9 +13,10 @@ first with ``write_shards``. Then, side by side:
   ``ImageFilter.GaussianBlur``, ``ImageOps.solarize``), then numpy -> torch and normalisation.
 
 Also printed: decode-only and transform-only img/s (pre-read bytes / pre-decoded images), to show
-where the time goes. ``--photometric-batched`` adds the design measurement: geometric-only crops in
-uint8 per sample (what a worker would still do) and the photometric ops (jitter, grayscale, blur,
-solarize, normalise) per crop against batched over stacked crops, on this CPU.
+where the time goes. ``--photometric-batched`` adds the design measurement for moving the photometric
+ops (jitter, grayscale, blur, solarize, normalise) after the host-to-device transfer: the worker end to
+end with geometric-only uint8 crops, and, per image, geometric float vs uint8 crops and the photometric
+ops per crop vs batched over stacked crops, all on this CPU (a GPU is not measured here).
 
     python scripts/bench_data.py
     python scripts/bench_data.py --photometric-batched
@@ -75,22 +76,23 @@ def make_shard_set(out: Path, images: int, width: int, height: int, quality: int
     """``images`` JPEGs of ``width`` x ``height`` written as shards under ``out``; returns the shard paths."""
     shapes = SyntheticShapes(images, image_size=max(16, min(width, height) // 2), seed=0)
     rng = np.random.default_rng(0)
-    jpg_dir = out / "jpg"
-    jpg_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(images):
-        small, _ = shapes.render(i)
-        img = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-        coarse = rng.normal(0.0, GRAIN_COARSE, (3, height // 3 + 1, width // 3 + 1)).astype(np.float32)
-        coarse = np.stack(
-            [np.asarray(Image.fromarray(c).resize((width, height), Image.Resampling.BILINEAR)) for c in coarse], -1
-        )
-        img = np.clip(img + coarse + rng.normal(0.0, GRAIN_FINE, img.shape), 0, 255).round().astype(np.uint8)
-        path = jpg_dir / f"{i:06d}.jpg"
-        Image.fromarray(img).save(path, quality=quality)
-        paths.append(path)
-    summary = write_shards(paths, out, prefix="bench", max_count=128, progress=False, overwrite=True)
-    shutil.rmtree(jpg_dir)
+    jpg_dir = Path(tempfile.mkdtemp(prefix="bench_data_jpg_"))
+    try:
+        paths = []
+        for i in range(images):  # small renders, upscaled: cheap to generate
+            small, _ = shapes.render(i)
+            img = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+            coarse = rng.normal(0.0, GRAIN_COARSE, (3, height // 3 + 1, width // 3 + 1)).astype(np.float32)
+            coarse = np.stack(
+                [np.asarray(Image.fromarray(c).resize((width, height), Image.Resampling.BILINEAR)) for c in coarse], -1
+            )
+            img = np.clip(img + coarse + rng.normal(0.0, GRAIN_FINE, img.shape), 0, 255).round().astype(np.uint8)
+            path = jpg_dir / f"{i:06d}.jpg"
+            Image.fromarray(img).save(path, quality=quality)
+            paths.append(path)
+        summary = write_shards(paths, out, prefix="bench", max_count=128, progress=False, overwrite=True)
+    finally:
+        shutil.rmtree(jpg_dir)
     return summary.shards
 
 
@@ -202,6 +204,11 @@ def pil_stream(shards: Iterable[str], transform: PilMultiCrop) -> Iterable[dict[
 
 
 # ---------------------------------------------------------------- photometric: per crop vs batched
+def crop_specs(args: argparse.Namespace) -> list[tuple[int, tuple[float, float]]]:
+    """``(size, scale)`` of each crop of one image: 2 global, then the local ones."""
+    return [(args.global_size, GLOBAL_SCALE)] * 2 + [(args.local_size, LOCAL_SCALE)] * args.local_crops
+
+
 def geometric_uint8(img: torch.Tensor, size: int, scale: tuple[float, float]) -> torch.Tensor:
     """RandomResizedCrop + flip kept in uint8 (torch resamples uint8 directly: PIL-like rounding, no float pass)."""
     top, left, h, w = sample_crop_box(img.shape[-2], img.shape[-1], scale)
@@ -296,7 +303,7 @@ def bench_photometric(images: list[torch.Tensor], args: argparse.Namespace) -> d
     the photometric ops over the stacked batch, one pass per crop size (CPU here, meant for the GPU).
     """
     g1, g2, loc = BLUR_PROBABILITIES["dinov2"]
-    sizes = [(args.global_size, GLOBAL_SCALE)] * 2 + [(args.local_size, LOCAL_SCALE)] * args.local_crops
+    sizes = crop_specs(args)
     passes: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         totals = dict.fromkeys(
@@ -343,7 +350,7 @@ def consume(iterable: Iterable) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=256, help="generated JPEGs (512 takes ~3 min on 2 cores)")
     parser.add_argument("--size", default="500x375", help="WxH of the generated JPEGs")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated images")
     parser.add_argument("--global-size", type=int, default=224)
@@ -380,7 +387,7 @@ def main() -> None:
             stream = ShardStream(shards, ours, resampled=False, shuffle_buffer=1, draft_side=draft, rank_world=(0, 1))
             return consume(stream)
 
-        sizes = [(args.global_size, GLOBAL_SCALE)] * 2 + [(args.local_size, LOCAL_SCALE)] * args.local_crops
+        sizes = crop_specs(args)
 
         def geometric_worker() -> int:  # the worker if the photometric ops moved after the transfer
             stream = ShardStream(
