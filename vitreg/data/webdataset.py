@@ -153,7 +153,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.min_side = min_side
         self.draft_side = draft_side
-        self.epoch = 0  # bump between passes for a different non-resampled order
+        self.epoch = 0  # part of every seed: set it between passes for a new order of the same shards
         # Resolved here, in the rank's main process: DataLoader workers do not see the process
         # group (and under Lightning's launcher or srun not RANK either).
         self.rank, self.world = rank_world or rank_and_world()
