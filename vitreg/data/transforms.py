@@ -1,9 +1,10 @@
 """DINOv2's multi-crop augmentation, reimplemented with plain torch ops on uint8 CHW tensors.
 
-DINOv2 runs torchvision on PIL images. Here every op works on a float CHW tensor in [0, 1] (the crop
-step turns the uint8 input into one), so no torchvision and no per-op uint8 round trips are needed.
-The random decisions follow torchvision's (same distributions, same order per crop, though not the
-same RNG stream); pixel values differ from the PIL path only by its uint8 rounding between ops.
+DINOv2 runs torchvision on PIL images. Here the crop is resampled in uint8 (rounded like PIL's resize)
+and turned into a float CHW tensor in [0, 1] on which every later op works, so no torchvision and no
+per-op uint8 round trips are needed. The random decisions follow torchvision's (same distributions, same
+order per crop, though not the same RNG stream); pixel values differ from the PIL path only by its
+uint8 rounding between the later ops.
 
 Randomness comes from ``generator`` when given, else torch's global RNG. In a DataLoader every worker
 seeds torch's global RNG differently (``base_seed + worker_id``), so workers draw different crops and a
@@ -12,7 +13,6 @@ run is reproducible under ``torch.manual_seed``.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -76,13 +76,29 @@ def sample_crop_box(
 
 
 def resize(img: Tensor, size: int) -> Tensor:
-    """Bicubic resize of a CHW image to ``(size, size)``, returned as float in [0, 1].
+    """Bicubic resize of a CHW image to ``(size, size)``, returned as contiguous float in [0, 1].
 
     ``antialias=True`` makes torch use PIL's filter (Keys a = -0.5, support widened when downsampling),
-    i.e. the same kernel as DINOv2's PIL ``BICUBIC``. Cubic overshoot is clamped away.
+    i.e. the same kernel as DINOv2's PIL ``BICUBIC``. A uint8 image is resampled in uint8 channels_last
+    (torch's fixed-point path, several times faster than float), so the result is rounded to uint8 like
+    PIL's before it becomes float; a float image is resampled in float. Cubic overshoot is clamped away
+    (uint8 saturates). Pass a CHW view of HWC memory (``hwc.permute(2, 0, 1)``) to skip a layout copy.
     """
+    if img.dtype == torch.uint8:
+        return _to_float(_resize_uint8(img, size))
     out = F.interpolate(img[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return out[0].clamp_(0.0, 255.0).div_(255.0) if img.dtype == torch.uint8 else out[0].clamp_(0.0, 1.0)
+    return out[0].clamp_(0.0, 1.0)
+
+
+def _resize_uint8(img: Tensor, size: int) -> Tensor:
+    """uint8 ``(C, size, size)`` antialiased bicubic resize (channels_last memory) of a uint8 CHW image."""
+    x = img[None].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+
+
+def _to_float(img: Tensor) -> Tensor:
+    """uint8 CHW (any memory layout) -> contiguous float32 in [0, 1], in one allocation."""
+    return torch.empty(img.shape, dtype=torch.float32).copy_(img).div_(255.0)
 
 
 def random_resized_crop(
@@ -106,54 +122,74 @@ def random_horizontal_flip(img: Tensor, p: float = 0.5, generator: torch.Generat
 
 # ---------------------------------------------------------------- colour (float CHW in [0, 1])
 def _luma(img: Tensor) -> Tensor:
-    """``(..., 1, H, W)`` luma plane."""
-    weights = torch.tensor(LUMA_WEIGHTS, dtype=img.dtype).view(3, 1, 1)
-    return (img * weights).sum(dim=-3, keepdim=True)
+    """``(..., 1, H, W)`` luma plane (plane by plane: no image-sized temporary)."""
+    wr, wg, wb = LUMA_WEIGHTS
+    luma = img[..., 0:1, :, :] * wr
+    return luma.add_(img[..., 1:2, :, :], alpha=wg).add_(img[..., 2:3, :, :], alpha=wb)
 
 
-def rgb_to_grayscale(img: Tensor) -> Tensor:
+# Every colour op takes ``out=``: a new tensor by default, or ``out=img`` to work in place (what
+# MultiCropTransform does on the crops it owns: on CPU, allocating fresh image-sized buffers costs as
+# much as the arithmetic).
+def rgb_to_grayscale(img: Tensor, *, out: Tensor | None = None) -> Tensor:
     """Luma replicated on 3 channels."""
-    return _luma(img).expand_as(img).contiguous()
+    luma = _luma(img)
+    return luma.expand_as(img).contiguous() if out is None else out.copy_(luma.expand_as(img))
 
 
-def _blend(img: Tensor, other: Tensor, factor: float) -> Tensor:
+def _blend(img: Tensor, other: Tensor, factor: float, out: Tensor | None) -> Tensor:
     # lerp is exact at factor 1 (returns img), so a neutral factor is a true no-op.
-    return torch.lerp(other, img, factor).clamp_(0.0, 1.0)
+    return torch.lerp(other, img, factor, out=out).clamp_(0.0, 1.0)
 
 
-def adjust_brightness(img: Tensor, factor: float) -> Tensor:
-    return (img * factor).clamp_(0.0, 1.0)
+def adjust_brightness(img: Tensor, factor: float, *, out: Tensor | None = None) -> Tensor:
+    return torch.mul(img, factor, out=out).clamp_(0.0, 1.0)
 
 
-def adjust_contrast(img: Tensor, factor: float) -> Tensor:
+def adjust_contrast(img: Tensor, factor: float, *, out: Tensor | None = None) -> Tensor:
     """Blend towards the mean luma of the image."""
-    return _blend(img, _luma(img).mean(), factor)
+    return _blend(img, _luma(img).mean(), factor, out)
 
 
-def adjust_saturation(img: Tensor, factor: float) -> Tensor:
+def adjust_saturation(img: Tensor, factor: float, *, out: Tensor | None = None) -> Tensor:
     """Blend towards the image's own grayscale."""
-    return _blend(img, _luma(img), factor)
+    return _blend(img, _luma(img), factor, out)
 
 
-def adjust_hue(img: Tensor, factor: float) -> Tensor:
+def adjust_hue(img: Tensor, factor: float, *, out: Tensor | None = None) -> Tensor:
     """Rotate hue by ``factor`` turns (``factor`` in [-0.5, 0.5]), keeping HSV saturation and value.
 
-    Fused RGB -> HSV -> RGB: with ``v = max``, ``c = max - min`` and hue ``h`` in sixths of a turn, each
-    channel is ``v - c·clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + h) mod 6``, n = 5, 3, 1 for r, g, b
-    (since ``v·s = c``, saturation is never materialised). Grey pixels have ``c = 0`` and stay unchanged.
+    Fused RGB -> HSV -> RGB: with ``v = max``, ``c = max - min`` and the rotated hue ``h`` in sixths of
+    a turn (in [0, 6)), colorsys' ``hsv_to_rgb`` gives each channel as ``v - c·clamp(2 - d, 0, 1)``, ``d``
+    the circular distance (period 6) from ``h`` to the channel's centre 3, 5, 1 for r, g, b (since
+    ``v·s = c``, saturation is never materialised). Grey pixels have ``c = 0`` and stay unchanged.
     """
     r, g, b = img[..., 0:1, :, :], img[..., 1:2, :, :], img[..., 2:3, :, :]
-    minc, maxc = img.aminmax(dim=-3, keepdim=True)
-    chroma = maxc - minc
+    # Plane-wise max/min: far cheaper on CPU than a channel reduction (aminmax over dim -3).
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
     # Where all channels are equal the numerators are 0 too; the clamp only avoids 0 / 0.
     inv_chroma = chroma.clamp(min=1e-12).reciprocal_()
-    # Hue sector from the max channel; ties resolve r, then g, then b (as torchvision).
-    hue6 = torch.where(
-        maxc == r, g - b, torch.where(maxc == g, torch.add(b - r, chroma, alpha=2), torch.add(r - g, chroma, alpha=4))
+    # Hue sector from the max channel; ties resolve r, then g, then b (as torchvision). The 0/1 masks
+    # are sign(x - max) + 1 (x - max is 0 exactly where x is the max, else negative) and the selection is
+    # lerp, exact at weights 0 and 1: both far cheaper on CPU than bool masks and torch.where.
+    is_r = (r - maxc).sign_().add_(1.0)
+    is_g = (g - maxc).sign_().add_(1.0)
+    hue6 = torch.lerp(
+        torch.lerp(torch.add(r - g, chroma, alpha=4), torch.add(b - r, chroma, alpha=2), is_g), g - b, is_r
     )
-    offsets = torch.tensor((5.0, 3.0, 1.0), dtype=img.dtype).view(3, 1, 1) + 6.0 * factor
-    k = torch.remainder(hue6.mul_(inv_chroma) + offsets, 6.0)
-    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    # Rotate and wrap to [0, 6) on one plane; floor's rounding can leave h a hair outside, which the
+    # circular distance below absorbs.
+    hue6 = hue6.mul_(inv_chroma).add_(6.0 * factor)
+    hue6 = hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))
+    # One plane at a time: broadcasting (..., 1, H, W) against (3, 1, 1) hits a slow CPU path.
+    # Everything below reads only maxc, chroma and hue6, so out may be img itself.
+    out = torch.empty_like(img) if out is None else out
+    for channel, centre in enumerate((3.0, 5.0, 1.0)):
+        dist = (hue6 - centre).abs_()
+        ramp = torch.maximum(2.0 - dist, dist.sub_(4.0)).clamp_(0.0, 1.0)  # 2 - min(d, 6 - d)
+        torch.addcmul(maxc, chroma, ramp, value=-1.0, out=out[..., channel : channel + 1, :, :])
+    return out
 
 
 def color_jitter(
@@ -163,8 +199,13 @@ def color_jitter(
     saturation: float = 0.2,
     hue: float = 0.1,
     generator: torch.Generator | None = None,
+    *,
+    inplace: bool = False,
 ) -> Tensor:
-    """torchvision ``ColorJitter``: a random order of the four ops, factors drawn once per call."""
+    """torchvision ``ColorJitter``: a random order of the four ops, factors drawn once per call.
+
+    ``inplace=True`` overwrites ``img`` (no new image-sized buffers) and returns it.
+    """
     order = torch.randperm(4, generator=generator).tolist()
     factors = (
         _uniform(max(0.0, 1 - brightness), 1 + brightness, generator),
@@ -174,13 +215,17 @@ def color_jitter(
     )
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for i in order:
-        img = ops[i](img, factors[i])
+        img = ops[i](img, factors[i], out=img if inplace else None)
     return img
 
 
 def solarize(img: Tensor, threshold: float = 128 / 255) -> Tensor:
     """Invert pixels at or above ``threshold`` (128 of 255 by default, as DINOv2 on uint8 PIL images)."""
-    return torch.where(img >= threshold, 1.0 - img, img)
+    # 1 where img >= threshold, else 0, without a bool mask (torch.where on CPU is several times slower).
+    # x - t is exactly 0 only at x == t and has x's ordering, so sign + 1 is 0, 1 or 2 for <, ==, >.
+    invert = (img - threshold).sign_().add_(1.0).clamp_(0.0, 0.5).mul_(2.0)
+    # lerp is exact at weights 0 and 1: returns img or 1 - img.
+    return torch.lerp(img, 1.0 - img, invert)
 
 
 # ---------------------------------------------------------------- blur and normalisation
@@ -191,32 +236,27 @@ def gaussian_kernel1d(kernel_size: int, sigma: float) -> Tensor:
     return kernel / kernel.sum()
 
 
-@functools.lru_cache(maxsize=32)
-def _reflect_taps(length: int, kernel_size: int) -> Tensor:
-    """``(length, kernel_size)`` source index of each tap of a centred kernel, reflect-padded at the borders."""
-    pad = kernel_size // 2
-    idx = (torch.arange(length)[:, None] + torch.arange(-pad, pad + 1)[None]).abs()
-    return torch.where(idx > length - 1, 2 * (length - 1) - idx, idx)
-
-
-def _blur_matrix(length: int, kernel: Tensor) -> Tensor:
-    """Banded ``(length, length)`` matrix applying ``kernel`` along one axis with reflect padding folded in."""
-    taps = _reflect_taps(length, kernel.numel())
-    return torch.zeros(length, length, dtype=kernel.dtype).scatter_add_(1, taps, kernel.expand_as(taps).contiguous())
-
-
-def gaussian_blur(img: Tensor, kernel_size: int, sigma: float) -> Tensor:
+def gaussian_blur(img: Tensor, kernel_size: int, sigma: float, *, out: Tensor | None = None) -> Tensor:
     """Separable Gaussian blur of a float CHW image with reflect padding (torchvision's ``gaussian_blur``).
 
-    Applied as ``B_h @ img @ B_w.T`` with banded matrices: on small crops one CPU matmul is several
-    times cheaper than torch's depthwise ``conv2d``.
+    Each 1-D pass is ``kernel_size`` scaled shifted views of the reflect-padded image accumulated in
+    place: on one CPU thread several times cheaper than torch's depthwise ``conv2d`` and, at 224 px, than
+    a banded-matrix matmul (whose cost grows with side³). ``out`` may be ``img`` itself.
     """
-    if kernel_size % 2 != 1 or kernel_size // 2 >= min(img.shape[-2:]):
+    height, width = img.shape[-2:]
+    if kernel_size % 2 != 1 or kernel_size // 2 >= min(height, width):
         raise ValueError(f"kernel_size must be odd and its half smaller than the image, got {kernel_size}")
-    kernel = gaussian_kernel1d(kernel_size, sigma).to(img.dtype)
-    rows = _blur_matrix(img.shape[-2], kernel)
-    cols = rows if img.shape[-1] == img.shape[-2] else _blur_matrix(img.shape[-1], kernel)
-    return rows @ img @ cols.T
+    weights = gaussian_kernel1d(kernel_size, sigma).tolist()
+    pad = kernel_size // 2
+    padded = F.pad(img.reshape(1, -1, height, width), (pad,) * 4, mode="reflect")
+    padded = padded.reshape(*img.shape[:-2], height + 2 * pad, width + 2 * pad)
+    rows = padded[..., :, 0:width] * weights[0]
+    for i in range(1, kernel_size):
+        rows.add_(padded[..., :, i : i + width], alpha=weights[i])
+    out = torch.mul(rows[..., 0:height, :], weights[0], out=out)
+    for i in range(1, kernel_size):
+        out.add_(rows[..., i : i + height, :], alpha=weights[i])
+    return out
 
 
 def random_gaussian_blur(
@@ -225,18 +265,29 @@ def random_gaussian_blur(
     kernel_size: int = 9,
     sigma: tuple[float, float] = (0.1, 2.0),
     generator: torch.Generator | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Blur with probability ``p`` (the real apply probability) and sigma uniform in ``sigma``."""
+    """Blur with probability ``p`` (the real apply probability) and sigma uniform in ``sigma``.
+
+    The result goes to ``out`` (which may be ``img``) when given; unblurred, ``img`` itself is returned.
+    """
     if not _coin(p, generator):
         return img
-    return gaussian_blur(img, kernel_size, _uniform(sigma[0], sigma[1], generator))
+    return gaussian_blur(img, kernel_size, _uniform(sigma[0], sigma[1], generator), out=out)
 
 
-def normalize(img: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
-    """``(img - mean) / std`` per channel."""
+def normalize(
+    img: Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``(img - mean) / std`` per channel (into ``out``, which may be ``img``, when given)."""
     mean_t = torch.tensor(mean, dtype=img.dtype).view(-1, 1, 1)
     inv_std = 1.0 / torch.tensor(std, dtype=img.dtype).view(-1, 1, 1)
-    return (img - mean_t).mul_(inv_std)
+    return torch.sub(img, mean_t, out=out).mul_(inv_std)
 
 
 # ---------------------------------------------------------------- DINOv2 multi-crop
@@ -287,19 +338,31 @@ class MultiCropTransform:
         solarize_prob: float,
         generator: torch.Generator | None,
     ) -> Tensor:
-        x = random_horizontal_flip(random_resized_crop(img, size, scale, generator=generator), generator=generator)
+        if img.dtype == torch.uint8:
+            # random_resized_crop + random_horizontal_flip with the same draws in the same order, but
+            # flipping the (4x smaller) uint8 crop before its single conversion to float.
+            top, left, h, w = sample_crop_box(img.shape[-2], img.shape[-1], scale, generator=generator)
+            x = _resize_uint8(img[..., top : top + h, left : left + w], size)
+            x = _to_float(random_horizontal_flip(x, generator=generator))
+        else:
+            x = random_resized_crop(img, size, scale, generator=generator)
+            x = random_horizontal_flip(x, generator=generator).contiguous()
+        # x is this crop's own buffer from here on, so the colour ops and normalize overwrite it.
         if _coin(0.8, generator):
-            x = color_jitter(x, generator=generator)
+            x = color_jitter(x, generator=generator, inplace=True)
         if _coin(0.2, generator):
-            x = rgb_to_grayscale(x)
-        x = random_gaussian_blur(x, blur_prob, generator=generator)
+            x = rgb_to_grayscale(x, out=x)
+        x = random_gaussian_blur(x, blur_prob, generator=generator, out=x)
         if solarize_prob > 0 and _coin(solarize_prob, generator):
             x = solarize(x)
-        return normalize(x)
+        return normalize(x, out=x)
 
     def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, list[Tensor]]:
         if img.ndim != 3 or img.shape[0] != 3:
             raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(img.shape)}")
+        if img.dtype == torch.uint8:
+            # One HWC copy up front, so each crop reaches resize's uint8 channels_last path without its own.
+            img = img.permute(1, 2, 0).contiguous().permute(2, 0, 1)
         g, gs = self.global_crops_size, self.global_crops_scale
         global_crops = [
             self._crop(img, g, gs, self.global1_blur_prob, 0.0, generator),
