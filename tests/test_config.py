@@ -122,3 +122,17 @@ def test_cli_prints_config_and_reports_bad_input(tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "config error: registers: must be >= 0" in bad.stderr
+
+
+def test_blur_probabilities_per_view():
+    from vitreg.lit.data import multicrop_transform
+
+    cfg = compose_config(["augment.blur_probabilities=[0.3,0.2,0.1]"])
+    validate_config(cfg)
+    t = multicrop_transform(cfg)
+    assert (t.global1_blur_prob, t.global2_blur_prob, t.local_blur_prob) == (0.3, 0.2, 0.1)
+    assert multicrop_transform(compose_config([])).global2_blur_prob == 0.9  # DINOv2's effective default
+    with pytest.raises(ConfigError, match=r"augment\.blur_probabilities: must be 3 probabilities"):
+        validate_config(compose_config(["augment.blur_probabilities=[0.3,1.5,0.1]"]))
+    with pytest.raises(ConfigError, match=r"augment\.blur_probabilities: use dinov2, intended"):
+        validate_config(compose_config(["augment.blur_probabilities=fixed"]))

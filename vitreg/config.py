@@ -48,8 +48,8 @@ class AugmentConfig:
     global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     # DINOv2's GaussianBlur inverts its probability: effective 0.0 / 0.9 / 0.5 (global1 / global2 / local).
-    # "intended" gives the documented 1.0 / 0.1 / 0.5 instead.
-    blur_probabilities: str = "dinov2"
+    # "intended" gives the documented 1.0 / 0.1 / 0.5 instead; or give [global1, global2, local].
+    blur_probabilities: Any = "dinov2"
     solarize_prob: float = 0.2
 
 
@@ -214,7 +214,6 @@ def register_configs() -> None:
 CHOICES = {
     "ssl.centering": ("centering", "sinkhorn_knopp"),
     "ssl.on_nonfinite": ("raise", "skip"),
-    "augment.blur_probabilities": ("dinov2", "intended"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "none"),
     "logger.kind": ("csv", "wandb", "none"),
     "logger.wandb.mode": ("online", "offline", "disabled"),
@@ -250,6 +249,12 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
         if size <= 0 or size % p:
             near = max(p, round(size / p) * p)
             _fail(f"augment.{key}", f"{size} is not a multiple of model.patch_size {p}; use e.g. {near}")
+    blur = c.augment.blur_probabilities
+    if isinstance(blur, str):
+        if blur not in ("dinov2", "intended"):
+            _fail("augment.blur_probabilities", f"use dinov2, intended or [global1, global2, local]; got {blur!r}")
+    elif len(blur) != 3 or not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in blur):
+        _fail("augment.blur_probabilities", f"must be 3 probabilities [global1, global2, local], got {list(blur)}")
     if c.augment.local_crops_number < 0:
         _fail("augment.local_crops_number", f"must be >= 0, got {c.augment.local_crops_number}")
     for key in ("global_crops_scale", "local_crops_scale"):

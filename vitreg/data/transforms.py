@@ -299,7 +299,8 @@ class MultiCropTransform:
     [0.1, 2.0]) with the crop's blur probability, solarize (p=``solarize_prob``) on the second global
     crop only, ImageNet normalisation. ``blur_probabilities`` selects the (global1, global2, local)
     blur probabilities: ``"dinov2"`` = (0.0, 0.9, 0.5), what DINOv2 effectively trains with because of
-    its inverted-probability bug, or ``"intended"`` = (1.0, 0.1, 0.5), the values written in its code.
+    its inverted-probability bug, or ``"intended"`` = (1.0, 0.1, 0.5), the values written in its code;
+    or any three probabilities.
 
     ``__call__(uint8 (3, H, W)) -> {"global_crops": [g1, g2], "local_crops": [l1, ...]}`` of float32
     normalised CHW tensors. Random draws use torch's global RNG unless a ``generator`` is passed (see the
@@ -313,20 +314,27 @@ class MultiCropTransform:
         local_crops_number: int = 8,
         global_crops_scale: tuple[float, float] = (0.32, 1.0),
         local_crops_scale: tuple[float, float] = (0.05, 0.32),
-        blur_probabilities: str = "dinov2",
+        blur_probabilities: str | Sequence[float] = "dinov2",
         solarize_prob: float = 0.2,
     ) -> None:
-        if blur_probabilities not in BLUR_PROBABILITIES:
-            raise ValueError(
-                f"blur_probabilities must be one of {sorted(BLUR_PROBABILITIES)}, got {blur_probabilities!r}"
-            )
+        if isinstance(blur_probabilities, str):
+            if blur_probabilities not in BLUR_PROBABILITIES:
+                raise ValueError(
+                    f"blur_probabilities must be one of {sorted(BLUR_PROBABILITIES)} or (global1, global2, local) "
+                    f"probabilities, got {blur_probabilities!r}"
+                )
+            probs = BLUR_PROBABILITIES[blur_probabilities]
+        else:
+            probs = tuple(float(p) for p in blur_probabilities)
+            if len(probs) != 3 or not all(0.0 <= p <= 1.0 for p in probs):
+                raise ValueError(f"blur_probabilities must be 3 probabilities (global1, global2, local), got {probs}")
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
         self.local_crops_number = local_crops_number
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.blur_probabilities = blur_probabilities
-        self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = BLUR_PROBABILITIES[blur_probabilities]
+        self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = probs
         self.solarize_prob = solarize_prob
 
     def _crop(

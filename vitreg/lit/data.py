@@ -35,7 +35,9 @@ def multicrop_transform(cfg: DictConfig) -> MultiCropTransform:
         local_crops_number=a.local_crops_number,
         global_crops_scale=tuple(a.global_crops_scale),
         local_crops_scale=tuple(a.local_crops_scale),
-        blur_probabilities=a.blur_probabilities,
+        blur_probabilities=a.blur_probabilities
+        if isinstance(a.blur_probabilities, str)
+        else list(a.blur_probabilities),
         solarize_prob=a.solarize_prob,
     )
 
