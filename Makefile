@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded default: vitt/14 + 4 registers on synthetic shapes, ~5 min on 2 CPU cores.
 demo: $(STAMP)
-	$(BIN)/python train/pretrain.py experiment=demo
+	$(BIN)/python train/pretrain.py experiment=demo $(ARGS)
 
 # Full suite, slow tests included (pytest exits 5, and so does make, if nothing is collected).
 test: $(STAMP)
