@@ -264,3 +264,13 @@ def test_blur_and_solarize_rates_per_crop(preset: str, monkeypatch: pytest.Monke
     assert rates["blur"][0] == p_g1
     assert rates["solarize"][0] == rates["solarize"][2] == rates["solarize"][3] == 0.0
     assert rates["solarize"][1] == pytest.approx(0.2, abs=tol)
+
+
+def test_flip_rate_over_many_draws() -> None:
+    from vitreg.data.transforms import random_horizontal_flip
+
+    img = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # asymmetric left/right
+    g = torch.Generator().manual_seed(0)
+    flips = sum(not torch.equal(random_horizontal_flip(img, 0.5, g), img) for _ in range(4000))
+    assert abs(flips / 4000 - 0.5) < 0.03
+    assert all(torch.equal(random_horizontal_flip(img, 0.0, g), img) for _ in range(50))
