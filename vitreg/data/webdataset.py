@@ -40,6 +40,7 @@ class SkipCounter:
         self.counts: Counter[str] = Counter()
         self.seen = 0
         self._reported: Counter[str] = Counter()
+        self._seen_reported = 0
         self._warned_shards: set[str] = set()
 
     def skip(self, reason: str, shard: str, detail: str = "") -> None:
@@ -53,11 +54,11 @@ class SkipCounter:
                 f": {detail}" if detail else "",
             )
 
-    def take_new(self) -> dict[str, int]:
-        """Counts added since the last call (what a batch reports)."""
-        new = self.counts - self._reported
-        self._reported = Counter(self.counts)
-        return dict(new)
+    def take_new(self) -> tuple[dict[str, int], int]:
+        """Skips by reason and samples seen since the last call (what a batch reports)."""
+        new, seen = self.counts - self._reported, self.seen - self._seen_reported
+        self._reported, self._seen_reported = Counter(self.counts), self.seen
+        return dict(new), seen
 
 
 SKIPS = SkipCounter()  # per process: each DataLoader worker has its own copy

@@ -115,13 +115,10 @@ class CountingCollate:
 
     def __init__(self, collator: MultiCropCollator) -> None:
         self.collator = collator
-        self._seen_reported = 0
 
     def __call__(self, samples: list) -> dict:
         batch = self.collator(samples)
-        batch["skipped"] = SKIPS.take_new()
-        batch["seen"] = SKIPS.seen - self._seen_reported
-        self._seen_reported = SKIPS.seen
+        batch["skipped"], batch["seen"] = SKIPS.take_new()
         return batch
 
 
