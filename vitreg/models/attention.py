@@ -133,6 +133,13 @@ class Attention(nn.Module):
             outs.append(multihead_attention(q, k, v, backend).reshape(b * n, -1))
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
+    def attention_probs(self, x: Tensor) -> Tensor:
+        """Attention probabilities (B, H, N, N) for input ``x`` (B, N, D), through the math path. For
+        inspection (telemetry): the fused kernels used in training never materialise them."""
+        q, k, _ = (t.transpose(1, 2) for t in self._qkv(x))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
     def forward_with_probs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Math-path attention that also returns the probabilities (B, H, N, N)."""
         q, k, v = (t.transpose(1, 2) for t in self._qkv(x))
