@@ -36,6 +36,7 @@ TINY = [
     "optim.epochs=2",
     "trainer.enable_progress_bar=false",
     "callbacks.knn_eval=false",
+    "callbacks.telemetry.num_images=8",
 ]
 
 

@@ -159,10 +159,17 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
+    """``logger=wandb``; see docs/wandb.md. None fields are derived from the run (vitreg/lit/wandb_logger.py)."""
+
     project: str = "vitreg"
-    entity: str | None = None
-    mode: str = "online"  # online | offline | disabled
-    tags: list[str] = field(default_factory=list)
+    entity: str | None = None  # None: the API key's default entity
+    group: str | None = None  # None: one group per SLURM array or Hydra sweep, else none
+    tags: list[str] = field(default_factory=list)  # registers=<n> and model=<arch> are always added
+    name: str | None = None  # None: the run dir under paths.output_root, e.g. demo/registers=4
+    id: str | None = None  # None: the id kept in <run_dir>/wandb_id.txt (created once)
+    notes: str | None = None
+    job_type: str | None = None
+    mode: str = "auto"  # auto | online | offline | disabled; auto: online only with credentials + a reachable server
 
 
 @dataclass
@@ -172,11 +179,34 @@ class LoggerConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    """Artifact telemetry on a fixed probe batch (see conf/callbacks/default.yaml for each key)."""
+
+    enabled: bool = True
+    every_n_steps: int = 500
+    num_images: int = 64
+    resolutions: list[int] = field(default_factory=list)  # empty: the global crop size only
+    models: list[str] = field(default_factory=lambda: ["teacher"])
+    probe_source: str | None = None  # folder or shards; null: the synthetic val split or the training shards
+    attention: bool = True
+    stream: str = "prenorm"
+    detector: str = "valley"
+    fixed_cutoff: float = 150.0
+    robust_z: float = 6.0
+    emergence_fraction: float = 0.005
+    identical_cosine: float = 0.99
+    media_every_n_measurements: int = 1
+    num_maps: int = 4
+    chunk_size: int = 16
+
+
+@dataclass
 class CallbacksConfig:
     checkpoint_every_n_steps: int = 1250
     knn_eval: bool = True  # teacher-CLS kNN on held-out synthetic images before and after training
     knn_k: int = 20
     knn_temperature: float = 0.07
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 @dataclass
@@ -203,11 +233,28 @@ class PretrainConfig:
     ckpt_path: str | None = None  # resume from this Lightning checkpoint
 
 
+@dataclass
+class AnalyzeConfig:
+    """``train/analyze.py``: statistics of any checkpoint (see conf/analyze.yaml)."""
+
+    task: str = "telemetry"
+    checkpoint: str = MISSING
+    images: str | None = None
+    num_images: int = 64
+    resolutions: list[int] = field(default_factory=list)
+    model: str = "teacher"
+    out: str | None = None
+    device: str | None = None
+    seed: int = 0
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+
 def register_configs() -> None:
-    """Register the schema with Hydra (idempotent)."""
+    """Register the schemas with Hydra (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+    ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,9 +263,11 @@ CHOICES = {
     "ssl.on_nonfinite": ("raise", "skip"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "none"),
     "logger.kind": ("csv", "wandb", "none"),
-    "logger.wandb.mode": ("online", "offline", "disabled"),
+    "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "model.attn_backend": ("auto", "sdpa", "xformers", "math"),
     "data.name": ("synthetic", "webdataset"),
+    "callbacks.telemetry.stream": ("prenorm", "postnorm"),
+    "callbacks.telemetry.detector": ("fixed", "robust_z", "valley"),
 }
 
 
@@ -297,8 +346,60 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
         _fail("optim.warmup_epochs", f"{c.optim.warmup_epochs} exceeds optim.epochs {c.optim.epochs}")
     if c.trainer.max_steps is not None and c.trainer.max_steps < 1:
         _fail("trainer.max_steps", f"must be >= 1 or null, got {c.trainer.max_steps}")
+    if c.logger.wandb.id and any(ch in str(c.logger.wandb.id) for ch in "/\\#?%: "):
+        _fail("logger.wandb.id", f"W&B run ids cannot contain / \\ # ? % : or spaces, got {c.logger.wandb.id!r}")
     if c.trainer.precision not in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         _fail("trainer.precision", f"use null (auto), 32-true, bf16-mixed or 16-mixed; got {c.trainer.precision!r}")
+    _validate_telemetry(c)
 
 
-__all__ = ["MISSING", "ConfigError", "PretrainConfig", "register_configs", "validate_config"]
+def _validate_telemetry(c: DictConfig) -> None:
+    t = c.callbacks.telemetry
+    if not t.enabled:
+        return
+    for key in ("every_n_steps", "num_images", "media_every_n_measurements", "chunk_size"):
+        if t[key] < 1:
+            _fail(f"callbacks.telemetry.{key}", f"must be >= 1, got {t[key]}")
+    unknown = [m for m in t.models if m not in ("teacher", "student")]
+    if unknown or not t.models:
+        _fail("callbacks.telemetry.models", f"use a non-empty subset of [teacher, student], got {list(t.models)}")
+    p = c.model.patch_size
+    for res in t.resolutions:
+        if res < p or res % p:
+            _fail("callbacks.telemetry.resolutions", f"{res} is not a positive multiple of model.patch_size {p}")
+    if not 0 <= t.emergence_fraction < 1:
+        _fail("callbacks.telemetry.emergence_fraction", f"must be in [0, 1), got {t.emergence_fraction}")
+    if t.robust_z <= 0 or t.fixed_cutoff <= 0:
+        _fail("callbacks.telemetry.robust_z", "robust_z and fixed_cutoff must be > 0")
+
+
+__all__ = [
+    "MISSING",
+    "AnalyzeConfig",
+    "ConfigError",
+    "PretrainConfig",
+    "register_configs",
+    "validate_analyze_config",
+    "validate_config",
+]
+
+
+def validate_analyze_config(c: DictConfig) -> None:
+    """Reject analysis configs that cannot work, naming the key and the fix."""
+    if c.task not in ("telemetry",):
+        _fail("task", f"must be telemetry, got {c.task!r}")
+    if c.model not in ("teacher", "student"):
+        _fail("model", f"must be teacher or student, got {c.model!r}")
+    if c.num_images < 1:
+        _fail("num_images", f"must be >= 1, got {c.num_images}")
+    import os
+
+    if not os.path.exists(c.checkpoint):
+        _fail("checkpoint", f"no file at {c.checkpoint}")
+    if c.images is not None and not os.path.exists(c.images) and "{" not in str(c.images):
+        _fail("images", f"no folder, image or shard at {c.images}")
+    t = c.telemetry
+    if t.stream not in ("prenorm", "postnorm"):
+        _fail("telemetry.stream", f"must be prenorm or postnorm, got {t.stream!r}")
+    if t.detector not in ("fixed", "robust_z", "valley"):
+        _fail("telemetry.detector", f"must be fixed, robust_z or valley, got {t.detector!r}")

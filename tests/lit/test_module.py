@@ -67,17 +67,23 @@ def test_schedules_are_applied_to_every_group_each_step():
 
 
 def test_teacher_is_the_ema_of_the_student_after_each_step():
-    cfg = compose_config(TINY)
+    # a low momentum and a big learning rate make one EMA update clearly visible
+    cfg = compose_config(
+        [*TINY, "ssl.teacher.momentum_teacher=0.5", "ssl.teacher.final_momentum_teacher=0.6", "optim.base_lr=2.0"]
+    )
     rec = Recorder()
     _, module = fit(cfg, 3, callbacks=[rec])
-    # Lightning calls our on_train_batch_end (the EMA) before callbacks' hooks: `after` holds the
-    # teacher after the EMA of that step.
+    # The EMA runs inside optimizer_step, so every callback's on_train_batch_end (checkpointing,
+    # telemetry) already sees the teacher of this step.
     for step in range(3):
         m = module.schedules.momentum(step)
         student, teacher = rec.after[step]
         before = rec.before[step]
         for name in ("backbone.cls_token", "backbone.blocks.0.attn.qkv.weight", "dino_head.last_layer.weight_v"):
             torch.testing.assert_close(teacher[name], m * before[name] + (1 - m) * student[name])
+        if step > 0:  # the warmup starts at lr 0: the student first moves at step 1
+            moved = teacher["backbone.blocks.0.attn.qkv.weight"] - before["backbone.blocks.0.attn.qkv.weight"]
+            assert moved.abs().max() > 1e-4, "the EMA update must be visible"
 
 
 def test_gradient_clipping_is_per_submodule():

@@ -6,7 +6,6 @@ Per step, as DINOv2's ``train.py``: apply schedules[step] to the param groups â†
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import lightning as L
@@ -14,7 +13,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from vitreg.models import VisionTransformer, ViTConfig, load_backbone_weights, vit_config
+from vitreg.models import VisionTransformer, ViTConfig, load_backbone_weights
+from vitreg.models.config import vit_config_from_mapping
 from vitreg.ssl.ema import ema_update_
 from vitreg.ssl.heads import DINOHead
 from vitreg.ssl.objective import DINOv2Objective, ObjectiveConfig
@@ -22,7 +22,6 @@ from vitreg.ssl.param_groups import apply_schedules, param_groups
 from vitreg.ssl.schedules import build_schedules, scaled_lr
 
 log = logging.getLogger(__name__)
-VIT_CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(ViTConfig))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,13 +29,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def backbone_config(model_cfg: DictConfig, img_size: int) -> ViTConfig:
-    """The student's ``ViTConfig`` from the ``model`` group (its keys are ViTConfig's names). The
-    positional table is stored at the global-crop size, as DINOv2 does, so global crops need no
-    interpolation; ``ffn_layer: null`` keeps the size's own FFN."""
-    shared = {k: model_cfg[k] for k in VIT_CONFIG_KEYS if k in model_cfg}
-    if shared.get("ffn_layer") is None:
-        shared.pop("ffn_layer", None)
-    return vit_config(model_cfg.arch, img_size=img_size, **shared)
+    """The student's ``ViTConfig`` from the ``model`` group. The positional table is stored at the
+    global-crop size, as DINOv2 does, so global crops need no interpolation."""
+    return vit_config_from_mapping(model_cfg, img_size)
 
 
 def build_objective(cfg: DictConfig) -> DINOv2Objective:
@@ -124,11 +119,14 @@ class DINOv2Module(L.LightningModule):
             for module in self.student.values():
                 torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        # After the optimiser step of this batch (Lightning calls this hook after optimizer.step).
-        if not outputs:  # a skipped non-finite step: no optimiser step, so no EMA either
-            return
-        ema_update_(self.teacher, self.student, self.schedules.momentum(self.global_step - 1))
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        # The EMA update belongs to the optimiser step, not to on_train_batch_end: Lightning runs the
+        # callbacks' on_train_batch_end (checkpointing, ...) before the module's, so a teacher updated
+        # there would be saved one update behind the student and global_step.
+        self._stepped = False
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._stepped:  # global_step is incremented after this hook returns
+            ema_update_(self.teacher, self.student, self.schedules.momentum(self.global_step))
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, batch_idx: int):
@@ -146,7 +144,7 @@ class DINOv2Module(L.LightningModule):
             self.skipped_steps += 1
             log.warning("%s: step skipped (%d so far)", message, self.skipped_steps)
             self.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=True)
-            return None
+            return None  # no optimiser update, so no EMA either
         bs = batch["global_crops"].shape[0] // 2
         metrics = {f"train/{k}": v.detach() for k, v in terms.items()}
         metrics.update(
@@ -160,6 +158,7 @@ class DINOv2Module(L.LightningModule):
         )
         self.log_dict(metrics, batch_size=bs, sync_dist=False, prog_bar=False)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=bs)
+        self._stepped = True
         return loss
 
     def _all_finite(self, terms: dict) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from vitreg.config import validate_config
 from vitreg.lit.callbacks import DataHealth, KNNProbe
 from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
+from vitreg.lit.telemetry import ArtifactTelemetry
 
 log = logging.getLogger(__name__)
 # The teacher is in eval mode on purpose (no drop path); Lightning warns about any eval-mode module.
@@ -35,24 +35,19 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
         return False
     if kind == "csv":
         return CSVLogger(save_dir=str(run_dir), name="logs", version="")
-    from lightning.pytorch.loggers import WandbLogger
+    from vitreg.lit.wandb_logger import build_wandb_logger
 
-    w = cfg.logger.wandb
-    id_file = run_dir / "wandb_id.txt"  # a requeued run continues the same W&B run
-    if not id_file.exists():
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(uuid.uuid4().hex[:12])
-    return WandbLogger(
-        project=w.project,
-        entity=w.entity,
-        name=cfg.run_name,
-        id=id_file.read_text().strip(),
-        resume="allow",
-        mode=w.mode,
-        tags=list(w.tags),
-        save_dir=str(run_dir),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    return build_wandb_logger(cfg, run_dir)
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """Flush and close the W&B run, so its files are complete when pretrain returns (a sweep's next
+    job, a test reading the offline run, ``wandb sync``)."""
+    from vitreg.lit.wandb_logger import wandb_loggers
+
+    if trainer.is_global_zero:
+        for logger in wandb_loggers(trainer):
+            logger.experiment.finish()
 
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -95,6 +90,10 @@ def pretrain(cfg: DictConfig) -> dict:
             chance=1 / cfg.data.synthetic.num_classes,
         )
         callbacks.append(knn)
+    telemetry = None
+    if cfg.callbacks.telemetry.enabled:
+        telemetry = ArtifactTelemetry(cfg, run_dir)
+        callbacks.append(telemetry)
     max_steps = cfg.trainer.max_steps or cfg.optim.epochs * cfg.optim.official_epoch_length
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -117,6 +116,7 @@ def pretrain(cfg: DictConfig) -> dict:
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    finish_wandb(trainer)
     summary = {
         "run_dir": str(run_dir),
         "config": str(run_dir / "config.yaml"),
@@ -127,4 +127,7 @@ def pretrain(cfg: DictConfig) -> dict:
     }
     if knn is not None:
         summary["knn"] = dict(knn.results)
+    if telemetry is not None:
+        summary["telemetry"] = str(run_dir / "telemetry")
+        summary["telemetry_seconds"] = telemetry.seconds
     return summary

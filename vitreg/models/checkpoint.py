@@ -74,7 +74,7 @@ def extract_backbone_state_dict(
     """
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(checkpoint).__name__}")
-    state, prefixes = checkpoint, ("backbone.", f"{which}.backbone.")
+    state, prefixes = checkpoint, ("backbone.", f"{which}.backbone.", f"objective.{which}.backbone.")
     if isinstance(checkpoint.get("teacher"), Mapping):
         state = checkpoint["teacher"]
     elif isinstance(checkpoint.get("model"), Mapping):

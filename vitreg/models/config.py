@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vitreg.models.attention import ATTN_BACKENDS
@@ -149,3 +150,13 @@ def size_name(cfg: ViTConfig) -> str | None:
         if all(getattr(cfg, k) == size[k] for k in ("embed_dim", "depth", "num_heads")):
             return name
     return None
+
+
+def vit_config_from_mapping(model_cfg: Mapping, img_size: int) -> ViTConfig:
+    """A ``ViTConfig`` from a training config's ``model`` group (its keys are ViTConfig's field names
+    plus ``arch``); ``ffn_layer: None`` keeps the size's own FFN."""
+    names = {f.name for f in dataclasses.fields(ViTConfig)}
+    shared = {k: model_cfg[k] for k in names if k in model_cfg}
+    if shared.get("ffn_layer") is None:
+        shared.pop("ffn_layer", None)
+    return vit_config(model_cfg["arch"], img_size=img_size, **shared)

@@ -9,6 +9,7 @@ patches stay clean.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -61,13 +62,18 @@ def _entropy(p: Tensor) -> Tensor:
     return -(p * p.clamp(min=1e-12).log()).sum(-1) / math.log(max(p.shape[-1], 2))
 
 
+def _clip(norms: Tensor) -> np.ndarray:
+    return norms.double().numpy().clip(HIST_EDGES[0], HIST_EDGES[-1])
+
+
 def _norm_summary(cap: Capture, stream: str) -> dict:
     k = cap.num_prefix
     norms = [getattr(layer, f"{stream}_norms") for layer in cap.layers]
     out = {
         "patch": _per_layer([_quantiles(n[:, k:]) for n in norms]),
         "cls": _per_layer([_quantiles(n[:, 0]) for n in norms]),
-        "histogram": [np.histogram(n[:, k:].numpy(), bins=HIST_EDGES)[0].tolist() for n in norms],
+        # norms outside the edges land in the first/last bin, so every token is counted
+        "histogram": [np.histogram(_clip(n[:, k:]), bins=HIST_EDGES)[0].tolist() for n in norms],
     }
     if cap.num_registers:
         out["register"] = _per_layer([_quantiles(n[:, 1:k]) for n in norms])
@@ -182,6 +188,11 @@ def compute_statistics(cap: Capture, s: TelemetrySettings = TelemetrySettings())
         "num_registers": cap.num_registers,
         "stream": s.stream,
         "detector": s.detector,
+        "settings": {
+            "emergence_fraction": s.emergence_fraction,
+            "identical_cosine": s.identical_cosine,
+            **dataclasses.asdict(s.detectors),
+        },
         "norms": {"prenorm": _norm_summary(cap, "prenorm"), "postnorm": _norm_summary(cap, "postnorm")},
         "histogram_edges": HIST_EDGES.tolist(),
         "outliers": outliers,

@@ -1,0 +1,62 @@
+"""Artifact statistics of any checkpoint, written as a report folder (report.json + PNG plots).
+
+python train/analyze.py checkpoint=outputs/demo/checkpoints/last.ckpt
+python train/analyze.py checkpoint=dinov2_vitl14_reg4_pretrain.pth images=/data/photos
+python train/analyze.py checkpoint=dinov2_vitl14_pretrain.pth images=/data/photos resolutions=[224,448]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from vitreg.config import ConfigError, register_configs, validate_analyze_config
+from vitreg.lit.telemetry import telemetry_settings
+from vitreg.telemetry.analyze import analyze_checkpoint
+
+register_configs()
+
+
+def default_out(checkpoint: str) -> Path:
+    path = Path(checkpoint)
+    if path.parent.name == "checkpoints":  # a vitreg run: keep the analysis in its run directory
+        return path.parent.parent / "analysis" / path.stem
+    return Path("outputs") / "analysis" / path.stem
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    try:
+        validate_analyze_config(cfg)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint)
+    summary = analyze_checkpoint(
+        cfg.checkpoint,
+        out,
+        images=cfg.images,
+        num_images=cfg.num_images,
+        resolutions=list(cfg.resolutions),
+        which=cfg.model,
+        settings=telemetry_settings(cfg.telemetry),
+        device=cfg.device,
+        attention=cfg.telemetry.attention,
+        chunk_size=cfg.telemetry.chunk_size,
+        seed=cfg.seed,
+    )
+    for res, report in summary["reports"].items():
+        data = json.loads(Path(report["json"]).read_text())
+        s = data["summary"]
+        print(f"\n{Path(cfg.checkpoint).name} ({summary['source']}) at {res}px -> {Path(report['json']).parent}")
+        for key, value in s.items():
+            print(f"  {key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

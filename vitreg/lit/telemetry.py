@@ -1,0 +1,162 @@
+"""The artifact-telemetry callback: statistics of the teacher (and optionally the student) on a fixed
+probe batch every N steps, to the loggers and to ``<run_dir>/telemetry/``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+from torch import Tensor
+
+from vitreg.telemetry.detectors import DetectorSettings
+from vitreg.telemetry.measure import measure
+from vitreg.telemetry.probe import image_probe, load_probe, save_probe, synthetic_probe
+from vitreg.telemetry.stats import TelemetrySettings
+from vitreg.telemetry.store import PROBE_IMAGES, TelemetryWriter, read_records, scalar_summary
+
+log = logging.getLogger(__name__)
+
+
+def telemetry_settings(t: DictConfig) -> TelemetrySettings:
+    return TelemetrySettings(
+        detectors=DetectorSettings(fixed_cutoff=t.fixed_cutoff, robust_z=t.robust_z),
+        stream=t.stream,
+        detector=t.detector,
+        emergence_fraction=t.emergence_fraction,
+        identical_cosine=t.identical_cosine,
+        num_maps=t.num_maps,
+    )
+
+
+def build_probe_images(cfg: DictConfig, size: int) -> Tensor:
+    """The probe images for a run's config: ``probe_source`` if set, else held-out synthetic images
+    for synthetic data, else the first decodable images of the training shards."""
+    t = cfg.callbacks.telemetry
+    if t.probe_source:
+        return image_probe(t.probe_source, t.num_images, size)
+    if cfg.data.name == "synthetic":
+        syn = cfg.data.synthetic
+        return synthetic_probe(t.num_images, syn.image_size, cfg.seed, syn.num_classes, size)
+    return image_probe(cfg.data.webdataset.shards, t.num_images, size)
+
+
+class ArtifactTelemetry(L.Callback):
+    """Measures every ``every_n_steps`` optimizer steps (and at the first and last step), on rank 0,
+    in eval mode under no_grad. ``seconds`` accumulates the time spent, for cost accounting.
+
+    Measurements happen in ``on_train_batch_start``: at that point step ``s`` means ``s`` optimizer
+    steps *and* ``s`` EMA updates are done, so the teacher measured at step s is exactly the one
+    a checkpoint at step s holds.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.t = cfg.callbacks.telemetry
+        self.settings = telemetry_settings(self.t)
+        self.resolutions = sorted({cfg.augment.global_crops_size, *self.t.resolutions})
+        self.root = Path(run_dir) / "telemetry"
+        self.writer: TelemetryWriter | None = None
+        self.probe: Tensor | None = None
+        self.history: list[dict] = []  # records of this run (incl. before a resume), for the emergence map
+        self.last_step: int | None = None
+        self.measurements = 0
+        self.seconds = 0.0
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _ensure_probe(self) -> Tensor:
+        if self.probe is None:
+            path = self.root / PROBE_IMAGES
+            if path.exists():  # a resumed run measures the very same images
+                self.probe = load_probe(path)
+            else:
+                self.probe = build_probe_images(self.cfg, max(self.resolutions))
+                save_probe(self.probe, path)
+            self.writer = TelemetryWriter(self.root)
+            try:
+                self.history = read_records(self.root)
+            except FileNotFoundError:
+                self.history = []
+        return self.probe
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._ensure_probe()
+
+    # -- cadence -----------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.t.every_n_steps == 0 and step != self.last_step:
+            self.measure_now(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.global_step != self.last_step:
+            self.measure_now(trainer, module)
+
+    # -- measuring ---------------------------------------------------------------------------------
+    def measure_now(self, trainer: L.Trainer, module: L.LightningModule) -> list[dict]:
+        step = trainer.global_step
+        self.last_step = step
+        if not trainer.is_global_zero:
+            return []
+        start = time.perf_counter()
+        probe = self._ensure_probe()
+        records = []
+        for model in self.t.models:
+            backbone = getattr(module, model).backbone
+            for res in self.resolutions:
+                record, maps = measure(
+                    backbone,
+                    probe,
+                    res,
+                    self.settings,
+                    device=module.device,
+                    attention=self.t.attention,
+                    chunk_size=self.t.chunk_size,
+                )
+                record.update(step=step, model=model)
+                assert self.writer is not None
+                self.writer.write(record, maps)
+                self.history = [
+                    r for r in self.history if (r["step"], r["model"], r["resolution"]) != (step, model, res)
+                ]
+                self.history.append(record)
+                prefix = f"telemetry/{model}/r{res}"
+                scalars = scalar_summary(record, prefix)
+                for logger in trainer.loggers:
+                    logger.log_metrics(scalars, step=step)
+                if self.measurements % self.t.media_every_n_measurements == 0:
+                    self._log_media(trainer, prefix, record, maps, probe, step)
+                records.append(record)
+        self.measurements += 1
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        log.debug("telemetry at step %d took %.2fs", step, elapsed)
+        return records
+
+    def _log_media(self, trainer: L.Trainer, prefix: str, record: dict, maps: dict, probe: Tensor, step: int) -> None:
+        from vitreg.lit.wandb_logger import log_wandb_media, wandb_loggers
+
+        if not wandb_loggers(trainer):
+            return  # pictures cost matplotlib time; only W&B shows them (the files hold the data)
+        import numpy as np
+
+        from vitreg.telemetry import plots
+
+        edges = np.asarray(record["histogram_edges"])
+        media: dict[str, object] = {}
+        for stream in ("prenorm", "postnorm"):
+            counts = np.asarray(record["norms"][stream]["histogram"][-1])
+            media[f"{prefix}/hist/patch_norm_{stream}"] = ("histogram", counts, edges)
+        history = [r for r in self.history if r["model"] == record["model"] and r["resolution"] == record["resolution"]]
+        figures = {
+            "emergence": plots.emergence_heatmap(history, model=record["model"], resolution=record["resolution"]),
+            "attention_maps": plots.attention_maps(probe, maps, record["resolution"]),
+            "position_map": plots.position_map(record),
+            "norm_histograms": plots.norm_histograms(record, stream=record["stream"]),
+        }
+        for name, fig in figures.items():
+            media[f"{prefix}/images/{name}"] = ("image", plots.figure_to_array(fig), f"step {step}")
+        log_wandb_media(trainer, media, step)
