@@ -59,8 +59,9 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(last) if last.exists() else None
 
 
-def pretrain(cfg: DictConfig) -> dict:
-    """Train; returns a summary (paths, steps, kNN accuracies)."""
+def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict:
+    """Train; returns a summary (paths, steps, kNN accuracies, telemetry cost). ``extra_callbacks``
+    join the configured ones (benchmarks, tests)."""
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,7 @@ def pretrain(cfg: DictConfig) -> dict:
     if cfg.callbacks.telemetry.enabled:
         telemetry = ArtifactTelemetry(cfg, run_dir)
         callbacks.append(telemetry)
+    callbacks.extend(extra_callbacks or [])
     max_steps = cfg.trainer.max_steps or cfg.optim.epochs * cfg.optim.official_epoch_length
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -130,4 +132,5 @@ def pretrain(cfg: DictConfig) -> dict:
     if telemetry is not None:
         summary["telemetry"] = str(run_dir / "telemetry")
         summary["telemetry_seconds"] = telemetry.seconds
+        summary["telemetry_measurements"] = telemetry.measurements
     return summary
