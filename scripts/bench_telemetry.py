@@ -84,8 +84,9 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     if args.wandb:
         os.environ["WANDB_MODE"] = "offline"
+    experiment = [] if any(o.startswith("experiment=") for o in args.overrides) else ["experiment=demo"]
     base = [
-        "experiment=demo",
+        *experiment,
         *args.overrides,
         f"trainer.max_steps={args.steps}",
         "callbacks.knn_eval=false",

@@ -1,6 +1,6 @@
 """Compare the artifact telemetry of several runs (e.g. a sweep over the number of registers).
 
-    python scripts/plot_sweep.py runs/vitb_r0 runs/vitb_r4 runs/vitb_r16 --out sweep_plots
+    python scripts/plot_sweep.py outputs/demo/registers=0 outputs/demo/registers=4 --out outputs/sweep_plots
     python scripts/plot_sweep.py runs/* --model student --resolution 448
 
 Reads each run's local telemetry (RUN_DIR/telemetry/, no W&B needed) and writes into --out:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (each with a telemetry/ folder)")
     parser.add_argument(
-        "--out", type=Path, default=Path("sweep_plots"), help="where the plots go (default: sweep_plots/)"
+        "--out", type=Path, default=Path("outputs/sweep_plots"), help="where the plots go (default: outputs/sweep_plots/)"
     )
     parser.add_argument("--model", default="teacher", help="teacher or student (default: teacher)")
     parser.add_argument(

@@ -196,6 +196,7 @@ class TelemetryConfig:
     emergence_fraction: float = 0.005
     identical_cosine: float = 0.99
     media_every_n_measurements: int = 1
+    media_style: str = "fast"  # fast (numpy tiles) | figures (labelled matplotlib figures, slower)
     num_maps: int = 4
     chunk_size: int = 16
 
@@ -268,6 +269,7 @@ CHOICES = {
     "data.name": ("synthetic", "webdataset"),
     "callbacks.telemetry.stream": ("prenorm", "postnorm"),
     "callbacks.telemetry.detector": ("fixed", "robust_z", "valley"),
+    "callbacks.telemetry.media_style": ("fast", "figures"),
 }
 
 
