@@ -208,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (each with a telemetry/ folder)")
     parser.add_argument(
-        "--out", type=Path, default=Path("outputs/sweep_plots"), help="where the plots go (default: outputs/sweep_plots/)"
+        "--out",
+        type=Path,
+        default=Path("outputs/sweep_plots"),
+        help="where the plots go (default: outputs/sweep_plots/)",
     )
     parser.add_argument("--model", default="teacher", help="teacher or student (default: teacher)")
     parser.add_argument(

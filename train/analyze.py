@@ -21,6 +21,20 @@ from vitreg.lit.telemetry import telemetry_settings
 from vitreg.telemetry.analyze import analyze_checkpoint
 
 register_configs()
+PATH_KEYS = ("checkpoint", "images", "out")
+
+
+def quote_path_overrides(argv: list[str]) -> list[str]:
+    """Quote path values Hydra's override grammar would misread, e.g. a sweep run's
+    ``checkpoint=outputs/demo/registers=4/checkpoints/last.ckpt`` (the second ``=``)."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in PATH_KEYS and value and value[0] not in "'\"" and any(c in value for c in "=,[]{}()' "):
+            value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            arg = f"{key}={value}"
+        quoted.append(arg)
+    return quoted
 
 
 def default_out(checkpoint: str) -> Path:
@@ -59,4 +73,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *quote_path_overrides(sys.argv[1:])]
     main()

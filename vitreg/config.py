@@ -34,6 +34,7 @@ class ModelConfig:
     interpolate_antialias: bool | None = None  # None: on with registers (DINOv2 reg models), else off
     interpolate_offset: float | None = None  # None: 0 with registers, else 0.1
     register_pos_embed: bool = False  # ablation: learned positions for registers
+    register_init_std: float = 1.0e-6  # DINOv2; 0.02 as DINOv3 separates registers sooner in short runs
     attn_backend: str = "auto"  # auto | sdpa | xformers | math
     pretrained_weights: str | None = None  # an official DINOv2 backbone file, loaded into the student
 

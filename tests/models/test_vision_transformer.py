@@ -241,3 +241,14 @@ def test_linear_drop_path_schedule():
     cfg = vit_config("vitt", depth=4, drop_path_rate=0.3, drop_path_uniform=False)
     assert cfg.drop_path_rates() == pytest.approx([0.0, 0.1, 0.2, 0.3])
     assert vit_config("vitt", depth=4, drop_path_rate=0.3).drop_path_rates() == [0.3] * 4
+
+
+def test_register_init_std_sets_the_spread_of_the_registers():
+    torch.manual_seed(0)
+    dinov2 = build_vit("vitt", num_register_tokens=16)
+    torch.manual_seed(0)
+    dinov3 = build_vit("vitt", num_register_tokens=16, register_init_std=0.02)
+    assert float(dinov2.register_tokens.std()) == pytest.approx(1e-6, rel=0.1)
+    assert float(dinov3.register_tokens.std()) == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError, match="register_init_std"):
+        build_vit("vitt", num_register_tokens=4, register_init_std=0.0)

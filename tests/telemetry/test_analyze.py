@@ -86,8 +86,13 @@ def run_analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_entry_point_writes_the_report_and_prints_the_summary(official_checkpoint, photo_folder, tmp_path):
-    out = tmp_path / "out"
-    result = run_analyze(f"checkpoint={official_checkpoint}", f"images={photo_folder}", f"out={out}", cwd=tmp_path)
+    # sweep run directories contain "=", which Hydra's override grammar would misread unquoted
+    sweep_dir = tmp_path / "demo" / "registers=4"
+    sweep_dir.mkdir(parents=True)
+    checkpoint = sweep_dir / "planted.pth"
+    checkpoint.write_bytes(official_checkpoint.read_bytes())
+    out = sweep_dir / "out"
+    result = run_analyze(f"checkpoint={checkpoint}", f"images={photo_folder}", f"out={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "emergence_layer" in result.stdout and (out / "report.json").exists()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()  # nothing else written

@@ -174,4 +174,3 @@ class ArtifactTelemetry(L.Callback):
             "position_map": render.position_image(record),
             "norm_histograms": render.histogram_image(record, record["stream"]),
         }
-

@@ -43,6 +43,7 @@ class ViTConfig:
     ffn_bias: bool = True
     num_register_tokens: int = 0
     register_pos_embed: bool = False  # ablation only: learned positions for registers (not DINOv2)
+    register_init_std: float = 1e-6  # DINOv2's N(0, 1e-6); DINOv3 uses 0.02 (breaks register symmetry sooner)
     layerscale_init: float | None = 1e-5  # None: no LayerScale
     drop_path_rate: float = 0.0
     drop_path_uniform: bool = True  # DINOv2 training configs: same rate in every block
@@ -89,6 +90,11 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def validate_vit_config(cfg: ViTConfig) -> None:
     """Raise a ValueError naming the offending key, what it got and what would work."""
+    _require(
+        cfg.register_init_std > 0,
+        "register_init_std",
+        f"must be > 0 (identical registers never separate), got {cfg.register_init_std}",
+    )
     for key in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans"):
         value = getattr(cfg, key)
         _require(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")

@@ -62,6 +62,7 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """DINOv2's init: pos trunc-normal 0.02, CLS/registers N(0, 1e-6), Linear trunc-normal 0.02.
+        Registers use ``register_init_std`` (1e-6 by default, as DINOv2).
 
         The patch-embedding Conv2d keeps PyTorch's default init, LayerNorms ones/zeros, LayerScale
         its constant, mask_token zeros: all exactly as DINOv2 leaves them.
@@ -69,7 +70,7 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
+            nn.init.normal_(self.register_tokens, std=self.cfg.register_init_std)
         if self.register_pos_embed is not None:
             nn.init.trunc_normal_(self.register_pos_embed, std=0.02)
         for module in self.modules():

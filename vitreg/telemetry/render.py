@@ -21,7 +21,9 @@ def _lut(name: str) -> np.ndarray:
     return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
-def colourise(values: np.ndarray, vmin: float | None = None, vmax: float | None = None, cmap: str = "inferno") -> np.ndarray:
+def colourise(
+    values: np.ndarray, vmin: float | None = None, vmax: float | None = None, cmap: str = "inferno"
+) -> np.ndarray:
     """(H, W) floats -> (H, W, 3) uint8 through a colour map; NaN is drawn white."""
     x = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(x)
@@ -111,7 +113,10 @@ def emergence_image(history: list[dict], width: int = 360, height: int = 240) ->
 def position_image(record: dict, px: int = 160) -> tuple[np.ndarray, str]:
     freq = np.asarray(record["position_frequency"], dtype=np.float64)
     image = upsample(colourise(freq, 0.0, max(float(freq.max()), 1e-9)), (px, px * freq.shape[1] // freq.shape[0]))
-    return image, f"how often each patch position is a last-layer outlier ({record['detector']}); colour 0 .. {freq.max():.3g}"
+    return (
+        image,
+        f"how often each patch position is a last-layer outlier ({record['detector']}); colour 0 .. {freq.max():.3g}",
+    )
 
 
 def histogram_image(record: dict, stream: str, width: int = 400, height: int = 240) -> tuple[np.ndarray, str]:
