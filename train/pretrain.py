@@ -36,6 +36,8 @@ def main(cfg: DictConfig) -> None:
     print(f"config:        {summary['config']}")
     print(f"checkpoint:    {summary['checkpoint']}")
     print(f"logs:          {summary['logs']}")
+    if "telemetry" in summary:
+        print(f"telemetry:     {summary['telemetry']} (python scripts/plot_sweep.py {summary['run_dir']})")
     print(f"steps:         {summary['steps']} (skipped: {summary['skipped_steps']})")
     if "knn" in summary:
         knn = summary["knn"]
