@@ -141,6 +141,7 @@ class DataConfig:
     name: str = "synthetic"  # synthetic | webdataset
     batch_size_per_device: int = 64
     num_workers: int = 4
+    exact_resume: bool = True  # resume continues each data stream where it stopped; false: fresh streams
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     webdataset: WebDatasetConfig = field(default_factory=WebDatasetConfig)
 
@@ -219,6 +220,14 @@ class PathsConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """Preemption handling (vitreg/runtime/signals.py, slurm/README.md)."""
+
+    requeue: bool = True  # under SLURM, `scontrol requeue` the job after the preemption checkpoint
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])  # empty: no preemption handling
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -233,6 +242,8 @@ class PretrainConfig:
     run_name: str = "default"  # names the run directory: deterministic, never a timestamp
     seed: int = 0
     ckpt_path: str | None = None  # resume from this Lightning checkpoint
+    run_id: str | None = None  # run dir <output_root>/<run_name>/<run_id> (vitreg/runtime/run_dir.py)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 @dataclass
@@ -354,6 +365,19 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
     if c.trainer.precision not in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         _fail("trainer.precision", f"use null (auto), 32-true, bf16-mixed or 16-mixed; got {c.trainer.precision!r}")
     _validate_telemetry(c)
+    _validate_runtime(c)
+
+
+def _validate_runtime(c: DictConfig) -> None:
+    import signal
+
+    run_id = OmegaConf.select(c, "run_id", default=None)
+    if run_id is not None and (not str(run_id) or "/" in str(run_id) or str(run_id) in (".", "..")):
+        _fail("run_id", f"must be a single directory name (no /), got {run_id!r}")
+    for name in OmegaConf.select(c, "runtime.signals", default=None) or []:
+        key = str(name).upper()
+        if (key if key.startswith("SIG") else f"SIG{key}") not in signal.Signals.__members__:
+            _fail("runtime.signals", f"unknown signal {name!r}; use e.g. [SIGUSR1, SIGTERM] or [] to disable")
 
 
 def _validate_telemetry(c: DictConfig) -> None:

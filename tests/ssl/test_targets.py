@@ -92,3 +92,14 @@ def test_sinkhorn_knopp_does_not_modify_its_input():
     before = t.clone()
     sinkhorn_knopp(t, 0.1)
     assert torch.equal(t, before)
+
+
+def test_centering_with_no_rows_keeps_the_centre():
+    from vitreg.ssl.targets import Centering
+
+    c = Centering(4, momentum=0.9)
+    c.center.fill_(0.5)
+    c.update(torch.zeros(0, 4))  # a batch whose iBOT masks are all empty
+    assert torch.equal(c.center, torch.full((1, 4), 0.5))
+    c.update(torch.ones(3, 4))
+    torch.testing.assert_close(c.center, torch.full((1, 4), 0.9 * 0.5 + 0.1))

@@ -88,7 +88,11 @@ class MultiCropCollator:
         rng.shuffle(masks)
         return torch.stack([torch.from_numpy(m).flatten() for m in masks]), upperbound
 
-    def __call__(self, samples: list[tuple[dict[str, list[Tensor]], Any]]) -> dict[str, Any]:
+    def __call__(
+        self, samples: list[tuple[dict[str, list[Tensor]], Any]], rng: random.Random | None = None
+    ) -> dict[str, Any]:
+        """Collate ``samples``; masks draw from ``rng`` when given (exact-resume streams seed one per
+        batch), else from the collator's own per-process RNG."""
         crops = [s[0] for s in samples]
         n_global = len(crops[0]["global_crops"])
         n_local = len(crops[0]["local_crops"])
@@ -100,7 +104,7 @@ class MultiCropCollator:
                 f"augment.global_crops_size={self.global_crops_size}"
             )
 
-        masks, upperbound = self.make_masks(len(global_crops), self._get_rng())
+        masks, upperbound = self.make_masks(len(global_crops), rng or self._get_rng())
         mask_indices = masks.flatten().nonzero().flatten()
         per_image = masks.sum(-1, keepdim=True).clamp(min=1).float()
         masks_weight = (1.0 / per_image).expand_as(masks)[masks]

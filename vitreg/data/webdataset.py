@@ -14,6 +14,7 @@ each batch). Only a stream in which no shard yields anything raises.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -130,13 +131,31 @@ def parse_label(sample: dict[str, Any]) -> int:
         return -1
 
 
+def sample_seed(seed: int, rank: int, worker: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a pure function of its place in the stream, so a resumed
+    stream draws the same crops without replaying the samples before it."""
+    return random.Random(f"sample/{seed}/{rank}/{worker}/{epoch}/{index}").getrandbits(63)
+
+
 class ShardStream(IterableDataset):
-    """``(transform(image), label)`` samples from WebDataset shards; see the module docstring."""
+    """``(transform(image), label)`` samples from WebDataset shards; see the module docstring.
+
+    Order of operations per (rank, worker): shards -> raw samples (bytes) -> shuffle buffer -> decode
+    -> transform. The buffer holds raw bytes, and each sample leaving it gets an index ``j`` in
+    that worker's stream; its augmentation draws from a generator seeded by ``sample_seed(..., j)``
+    when the transform accepts ``generator=``. So a stream can be resumed exactly: skip the first
+    ``start_positions[worker]`` buffer outputs without decoding them.
+
+    Exact resume across loader workers: DataLoader takes batch t from worker ``t % workers``. A
+    resumed loader starts again at worker 0, so ``worker_offset`` renames the workers: physical
+    worker p plays the logical worker ``(p + worker_offset) % workers``, whose seeds and position
+    it uses. With ``with_position`` samples are ``(sample, label, (rank, logical worker, j))``.
+    """
 
     def __init__(
         self,
         shards: Sequence[str],
-        transform: Callable[[torch.Tensor], Any] | None = None,
+        transform: Callable[..., Any] | None = None,
         *,
         seed: int = 0,
         resampled: bool = True,
@@ -144,25 +163,33 @@ class ShardStream(IterableDataset):
         min_side: int = 1,
         draft_side: int | None = None,
         rank_world: tuple[int, int] | None = None,
+        with_position: bool = False,
+        worker_offset: int = 0,
+        start_positions: dict[int, int] | None = None,
     ) -> None:
         if not shards:
             raise ValueError("data.webdataset.shards: no shards given (a brace pattern, a list, or a folder of .tar)")
         self.shards = list(shards)
         self.transform = transform
+        self.transform_takes_generator = _accepts_generator(transform)
         self.seed = seed
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
         self.min_side = min_side
         self.draft_side = draft_side
+        self.with_position = with_position
+        self.worker_offset = worker_offset
+        self.start_positions = dict(start_positions or {})
         self.epoch = 0  # part of every seed: set it between passes for a new order of the same shards
         # Resolved here, in the rank's main process: DataLoader workers do not see the process
         # group (and under Lightning's launcher or srun not RANK either).
         self.rank, self.world = rank_world or rank_and_world()
 
     def _stream_position(self) -> tuple[int, int, int, int]:
+        """(rank, world, logical worker, workers) of the calling process."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank, self.world, worker, workers
+        return self.rank, self.world, (worker + self.worker_offset) % workers, workers
 
     def _shard_order(self, rng: random.Random, rank: int, world: int, worker: int, workers: int) -> Iterator[str]:
         if self.resampled:
@@ -173,26 +200,15 @@ class ShardStream(IterableDataset):
             rng.shuffle(mine)
             yield from mine
 
-    def _samples(self) -> Iterator[tuple[Any, int]]:
-        rank, world, worker, workers = self._stream_position()
+    def _raw_samples(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         # str seeds are hashed with SHA-512 by random.Random: stable across processes (unlike hash())
         rng = random.Random(f"shards/{self.seed}/{rank}/{worker}/{self.epoch}")
         consecutive_empty = 0
         for url in self._shard_order(rng, rank, world, worker, workers):
             produced = 0
             for sample in iter_tar_samples(url, SKIPS):
-                SKIPS.seen += 1
-                image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-                if image_ext is None:
-                    SKIPS.skip("no_image", url, f"sample {sample['__key__']} has {sorted(sample)}")
-                    continue
-                try:
-                    image = decode_image(sample[image_ext], min_side=self.min_side, draft_side=self.draft_side)
-                except DecodeError as err:
-                    SKIPS.skip(err.reason, url, f"{sample['__key__']}: {err}")
-                    continue
                 produced += 1
-                yield (self.transform(image) if self.transform else image), parse_label(sample)
+                yield sample
             consecutive_empty = 0 if produced else consecutive_empty + 1
             if consecutive_empty >= max(len(self.shards), 1) * (3 if self.resampled else 1):
                 raise RuntimeError(
@@ -200,11 +216,9 @@ class ShardStream(IterableDataset):
                     f"first shards: {self.shards[:3]}. Check data.webdataset.shards; skipped so far: {dict(SKIPS.counts)}"
                 )
 
-    def __iter__(self) -> Iterator[tuple[Any, int]]:
-        rank, _, worker, _ = self._stream_position()
-        rng = random.Random(f"buffer/{self.seed}/{rank}/{worker}/{self.epoch}")
-        buffer: list[tuple[Any, int]] = []
-        for sample in self._samples():
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(sample)
                 continue
@@ -213,3 +227,44 @@ class ShardStream(IterableDataset):
             yield sample
         rng.shuffle(buffer)
         yield from buffer
+
+    def _decode(self, sample: dict[str, Any], generator: torch.Generator | None) -> Any | None:
+        url = sample["__url__"]
+        SKIPS.seen += 1
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if image_ext is None:
+            SKIPS.skip("no_image", url, f"sample {sample['__key__']} has {sorted(sample)}")
+            return None
+        try:
+            image = decode_image(sample[image_ext], min_side=self.min_side, draft_side=self.draft_side)
+        except DecodeError as err:
+            SKIPS.skip(err.reason, url, f"{sample['__key__']}: {err}")
+            return None
+        if self.transform is None:
+            return image
+        return self.transform(image, generator=generator) if generator is not None else self.transform(image)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        rank, world, worker, workers = self._stream_position()
+        rng = random.Random(f"buffer/{self.seed}/{rank}/{worker}/{self.epoch}")
+        start = self.start_positions.get(worker, 0)
+        generator = torch.Generator() if self.transform_takes_generator else None
+        for j, sample in enumerate(self._shuffled(self._raw_samples(rank, world, worker, workers), rng)):
+            if j < start:  # resuming: these were consumed before the checkpoint; skip without decoding
+                continue
+            if generator is not None:
+                generator.manual_seed(sample_seed(self.seed, rank, worker, self.epoch, j))
+            out = self._decode(sample, generator)
+            if out is None:
+                continue
+            label = parse_label(sample)
+            yield (out, label, (rank, worker, j)) if self.with_position else (out, label)
+
+
+def _accepts_generator(transform: Callable[..., Any] | None) -> bool:
+    if transform is None:
+        return False
+    try:
+        return "generator" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):
+        return False

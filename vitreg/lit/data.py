@@ -3,6 +3,8 @@ real multi-crop + collate path."""
 
 from __future__ import annotations
 
+import random
+
 import lightning as L
 import torch
 from omegaconf import DictConfig
@@ -59,6 +61,7 @@ class SyntheticDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.syn = cfg.data.synthetic
+        self.stream_resume: dict | None = None  # set by ExactResume when resuming
 
     def _dataset(self, n: int, split: str, transform) -> SyntheticShapes:
         return SyntheticShapes(
@@ -82,7 +85,7 @@ class SyntheticDataModule(L.LightningDataModule):
                 seed=self.cfg.seed,
                 class_appearance=self.syn.class_appearance,
             )
-            return stream_loader(self.cfg, shards)
+            return stream_loader(self.cfg, shards, self.stream_resume)
         dataset = self._dataset(self.syn.num_images, "train", multicrop_transform(self.cfg))
         if data.batch_size_per_device > len(dataset):
             raise ValueError(
@@ -111,14 +114,29 @@ class SyntheticDataModule(L.LightningDataModule):
 
 class CountingCollate:
     """The multi-crop collate, plus what the worker skipped since its previous batch (``skipped``,
-    by reason) and how many samples it looked at (``seen``), for the DataHealth callback."""
+    by reason) and how many samples it looked at (``seen``), for the DataHealth callback.
 
-    def __init__(self, collator: MultiCropCollator) -> None:
+    Samples that carry their stream position ``(rank, worker, j)`` (``ShardStream(with_position=True)``)
+    make the batch exactly resumable: its iBOT masks draw from an RNG seeded by the position of its
+    first sample, and ``batch["stream_position"]`` = ``(rank, worker, next j)`` tells where that
+    worker's stream continues after this batch (recorded in checkpoints by ``ExactResume``)."""
+
+    def __init__(self, collator: MultiCropCollator, seed: int = 0) -> None:
         self.collator = collator
+        self.seed = seed
 
     def __call__(self, samples: list) -> dict:
-        batch = self.collator(samples)
+        rng = None
+        position = None
+        if samples and len(samples[0]) == 3:
+            rank, worker, first = samples[0][2]
+            rng = random.Random(f"masks/{self.seed}/{rank}/{worker}/{first}")
+            position = (rank, worker, samples[-1][2][2] + 1)
+            samples = [s[:2] for s in samples]
+        batch = self.collator(samples, rng=rng)
         batch["skipped"], batch["seen"] = SKIPS.take_new()
+        if position is not None:
+            batch["stream_position"] = torch.tensor(position, dtype=torch.long)
         return batch
 
 
@@ -128,8 +146,11 @@ def shard_urls(shards) -> list[str]:
     return [url for item in items for url in list_shards(item)]
 
 
-def stream_loader(cfg: DictConfig, shards: list[str]) -> DataLoader:
-    """A DataLoader streaming ``shards`` through decode, multi-crop and collate (with skip counts)."""
+def stream_loader(cfg: DictConfig, shards: list[str], resume: dict | None = None) -> DataLoader:
+    """A DataLoader streaming ``shards`` through decode, multi-crop and collate (with skip counts).
+
+    ``resume`` (from ``ExactResume``): ``worker_offset`` and ``start_positions`` that continue the
+    streams exactly where a checkpoint left them."""
     data, wds_cfg, augment = cfg.data, cfg.data.webdataset, cfg.augment
     stream = ShardStream(
         shards,
@@ -139,6 +160,9 @@ def stream_loader(cfg: DictConfig, shards: list[str]) -> DataLoader:
         shuffle_buffer=wds_cfg.shuffle_buffer,
         min_side=wds_cfg.min_image_side or augment.local_crops_size,
         draft_side=augment.global_crops_size if wds_cfg.decode_draft else None,
+        with_position=True,
+        worker_offset=(resume or {}).get("worker_offset", 0),
+        start_positions=(resume or {}).get("start_positions"),
     )
     return DataLoader(
         stream,
@@ -146,7 +170,7 @@ def stream_loader(cfg: DictConfig, shards: list[str]) -> DataLoader:
         num_workers=data.num_workers,
         persistent_workers=data.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=CountingCollate(multicrop_collator(cfg)),
+        collate_fn=CountingCollate(multicrop_collator(cfg), seed=cfg.seed),
         drop_last=True,
     )
 
@@ -157,6 +181,7 @@ class WebDataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.stream_resume: dict | None = None  # set by ExactResume when resuming
 
     def train_dataloader(self) -> DataLoader:
-        return stream_loader(self.cfg, shard_urls(self.cfg.data.webdataset.shards))
+        return stream_loader(self.cfg, shard_urls(self.cfg.data.webdataset.shards), self.stream_resume)

@@ -16,7 +16,9 @@ from vitreg.config import validate_config
 from vitreg.lit.callbacks import DataHealth, KNNProbe
 from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
+from vitreg.lit.resume import ExactResume
 from vitreg.lit.telemetry import ArtifactTelemetry
+from vitreg.runtime.signals import PreemptionHandler, slurm_plugins
 
 log = logging.getLogger(__name__)
 # The teacher is in eval mode on purpose (no drop path); Lightning warns about any eval-mode module.
@@ -82,6 +84,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     if cfg.data.name == "webdataset" or cfg.data.synthetic.as_shards:
         w = cfg.data.webdataset
         callbacks.append(DataHealth(w.max_skip_fraction, w.min_samples_before_abort))
+    callbacks.append(ExactResume(datamodule, cfg.data.num_workers, strict=cfg.data.exact_resume))
     knn = None
     if cfg.callbacks.knn_eval and cfg.data.name == "synthetic":  # needs labelled held-out images
         knn = KNNProbe(
@@ -95,6 +98,9 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     if cfg.callbacks.telemetry.enabled:
         telemetry = ArtifactTelemetry(cfg, run_dir)
         callbacks.append(telemetry)
+    callbacks.append(  # SIGUSR1/SIGTERM: save last.ckpt, requeue under SLURM, stop (the only requeue owner)
+        PreemptionHandler(run_dir / "checkpoints" / "last.ckpt", cfg.runtime.signals, cfg.runtime.requeue)
+    )
     callbacks.extend(extra_callbacks or [])
     max_steps = cfg.trainer.max_steps or cfg.optim.epochs * cfg.optim.official_epoch_length
     trainer = L.Trainer(
@@ -112,6 +118,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         gradient_clip_val=cfg.optim.clip_grad or None,  # routed to DINOv2Module.configure_gradient_clipping
+        plugins=slurm_plugins(),  # under SLURM: Lightning's auto-requeue off (PreemptionHandler owns it)
     )
     module = DINOv2Module(cfg, world_size=trainer.world_size)
     resume = find_resume_checkpoint(cfg, run_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vitreg.ssl.distributed import all_reduce_mean_, all_reduce_sum_, world_size
+from vitreg.ssl.distributed import all_reduce_sum_, world_size
 
 
 class Centering(nn.Module):
@@ -43,10 +43,20 @@ class Centering(nn.Module):
         The batch mean is the average of the per-rank row means. For DINO (2B rows on every rank) this
         equals DINOv2's ``sum(t) / (n * world)``; for iBOT, where ranks hold different numbers of masked
         tokens, DINOv2 also averages per-rank means, so it is not the mean over all masked tokens.
-        Every rank must call this (it is a collective) with at least one row.
+        Every rank must call this (it is a collective). A rank with no rows (a batch whose iBOT masks
+        happen to be empty: possible on tiny grids) is left out of the average, and when no rank has
+        a row the centre stays unchanged; DINOv2 would divide by zero and poison the centre with NaN.
         """
-        batch_mean = teacher_logits.detach().float().mean(dim=0, keepdim=True)
-        all_reduce_mean_(batch_mean)
+        rows = teacher_logits.shape[0]
+        local = torch.zeros(1, self.center.shape[-1] + 1, device=self.center.device)
+        if rows:
+            local[:, :-1] = teacher_logits.detach().float().mean(dim=0, keepdim=True)
+            local[:, -1] = 1.0
+        all_reduce_sum_(local)  # sum of the per-rank means, and the number of ranks that had rows
+        ranks_with_rows = float(local[0, -1])
+        if ranks_with_rows == 0:
+            return
+        batch_mean = local[:, :-1] / ranks_with_rows
         self.center.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
 
 

@@ -1,0 +1,131 @@
+"""Exact resume: what a checkpoint needs beyond Lightning's own state to continue a run bit for bit.
+
+Lightning restores weights, optimizer, loops and step counters, and the loss centres are buffers.
+``ExactResume`` adds, per rank:
+
+- the data stream position: the next buffer index of every logical loader worker and the number of
+  batches consumed (which worker serves the next batch), see ``ShardStream``;
+- the main process's RNG states (torch CPU and CUDA, numpy, Python), which drive stochastic depth.
+  They are restored at the first training batch after loading, because building the resumed
+  DataLoader consumes torch's RNG and the uninterrupted run never built one there.
+
+Ranks are gathered into the one checkpoint file. Resuming with another world size or another
+number of loader workers cannot re-split the streams: it fails with a message, unless
+``data.exact_resume=false`` (then the streams restart fresh and the run continues inexactly).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """RNG states as tensors and plain Python values, so weights-only loading accepts them."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _gather(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class ResumeMismatchError(RuntimeError):
+    """The checkpoint's data streams cannot be continued by this run's processes."""
+
+
+class ExactResume(L.Callback):
+    """See the module docstring. ``datamodule.stream_resume`` receives the positions to continue from."""
+
+    def __init__(self, datamodule: L.LightningDataModule, num_workers: int, strict: bool = True) -> None:
+        self.datamodule = datamodule
+        self.workers = max(1, num_workers)
+        self.strict = strict
+        self.positions: dict[int, int] = {}  # logical worker -> next buffer index
+        self.batches = 0  # batches this rank consumed since the run began (across resumes)
+        self._pending_rng: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # the first batch after a resume
+            restore_rng_states(self._pending_rng)
+            self._pending_rng = None
+        position = batch.get("stream_position") if isinstance(batch, dict) else None
+        if position is not None:
+            _, worker, next_index = (int(v) for v in position.tolist())
+            self.positions[worker] = next_index
+        self.batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        rank_state = {
+            "positions": dict(self.positions),
+            "batches": self.batches,
+            "workers": self.workers,
+            "rng": collect_rng_states(),
+        }
+        ranks = _gather(rank_state)  # every rank saves; rank 0 writes the file with all of them
+        return {"world_size": len(ranks), "ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        trainer = self._trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        problem = None
+        if state.get("world_size") != world:
+            problem = (
+                f"the checkpoint was written by {state.get('world_size')} processes and this run has {world}: "
+                "each process's data stream position cannot be re-split"
+            )
+        elif state["ranks"][rank]["workers"] != self.workers:
+            problem = (
+                f"the checkpoint's streams came from {state['ranks'][rank]['workers']} loader workers per process "
+                f"and this run has {self.workers} (data.num_workers)"
+            )
+        if problem:
+            if self.strict:
+                raise ResumeMismatchError(
+                    f"cannot resume exactly: {problem}. Resume with the same trainer.devices x trainer.num_nodes "
+                    "and data.num_workers, or set data.exact_resume=false to continue with fresh data streams."
+                )
+            log.warning("resuming inexactly (data.exact_resume=false): %s; data streams restart fresh", problem)
+            return
+        mine = state["ranks"][rank]
+        self.positions = {int(k): int(v) for k, v in mine["positions"].items()}
+        self.batches = int(mine["batches"])
+        self._pending_rng = mine["rng"]
+        self.datamodule.stream_resume = {
+            "worker_offset": self.batches % self.workers,
+            "start_positions": dict(self.positions),
+        }
+        log.info("exact resume: %d batches consumed, stream positions %s", self.batches, self.positions)
