@@ -147,16 +147,36 @@ class DataConfig:
 
 
 @dataclass
+class DDPConfig:
+    """``trainer=ddp``: options of Lightning's DDPStrategy (docs/distributed.md)."""
+
+    find_unused_parameters: bool | None = None  # None: only when some student parameter can get no gradient
+    static_graph: bool = False
+
+
+@dataclass
+class FSDPConfig:
+    """``trainer=fsdp``: FSDP2 ``fully_shard`` of student and teacher (docs/distributed.md)."""
+
+    param_dtype: str = "bfloat16"  # float32 | bfloat16: dtype of the all-gathered parameters (the compute)
+    reduce_dtype: str = "float32"  # gradient reduce-scatter of the backbones
+    head_reduce_dtype: str = "float32"  # ... of the heads (fp32 in DINOv2)
+    reshard_after_forward: bool = False  # student; false: SHARD_GRAD_OP (DINOv2), true: FULL_SHARD
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | fsdp (FSDP2) | any other Lightning strategy name
     precision: str | None = None  # None: bf16-mixed on GPU, 32-true on CPU
     max_steps: int | None = None  # None: optim.epochs × optim.official_epoch_length
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -206,6 +226,7 @@ class TelemetryConfig:
 @dataclass
 class CallbacksConfig:
     checkpoint_every_n_steps: int = 1250
+    keep_last_k: int = 3  # step checkpoints kept besides last.ckpt (the fallback when last.ckpt is damaged)
     knn_eval: bool = True  # teacher-CLS kNN on held-out synthetic images before and after training
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -365,7 +386,9 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
     if c.trainer.precision not in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         _fail("trainer.precision", f"use null (auto), 32-true, bf16-mixed or 16-mixed; got {c.trainer.precision!r}")
     _validate_telemetry(c)
+    _validate_checkpoints(c)
     _validate_runtime(c)
+    _validate_trainer(c)
 
 
 def _validate_runtime(c: DictConfig) -> None:
@@ -378,6 +401,16 @@ def _validate_runtime(c: DictConfig) -> None:
         key = str(name).upper()
         if (key if key.startswith("SIG") else f"SIG{key}") not in signal.Signals.__members__:
             _fail("runtime.signals", f"unknown signal {name!r}; use e.g. [SIGUSR1, SIGTERM] or [] to disable")
+
+
+def _validate_checkpoints(c: DictConfig) -> None:
+    if c.callbacks.checkpoint_every_n_steps < 1:
+        _fail("callbacks.checkpoint_every_n_steps", f"must be >= 1, got {c.callbacks.checkpoint_every_n_steps}")
+    if c.callbacks.keep_last_k < 1:
+        _fail(
+            "callbacks.keep_last_k",
+            f"must be >= 1 (the fallback when last.ckpt is damaged), got {c.callbacks.keep_last_k}",
+        )
 
 
 def _validate_telemetry(c: DictConfig) -> None:
@@ -398,6 +431,25 @@ def _validate_telemetry(c: DictConfig) -> None:
         _fail("callbacks.telemetry.emergence_fraction", f"must be in [0, 1), got {t.emergence_fraction}")
     if t.robust_z <= 0 or t.fixed_cutoff <= 0:
         _fail("callbacks.telemetry.robust_z", "robust_z and fixed_cutoff must be > 0")
+
+
+def _validate_trainer(c: DictConfig) -> None:
+    t = c.trainer
+    if not isinstance(t.num_nodes, int) or t.num_nodes < 1:
+        _fail("trainer.num_nodes", f"must be an integer >= 1, got {t.num_nodes!r}")
+    if t.strategy != "fsdp":
+        return
+    for key in ("param_dtype", "reduce_dtype", "head_reduce_dtype"):
+        value = t.fsdp[key]
+        if value not in ("float32", "bfloat16"):
+            hint = "; float16 would need a gradient scaler, which this FSDP2 path has not" if value == "float16" else ""
+            _fail(f"trainer.fsdp.{key}", f"must be float32 or bfloat16, got {value!r}{hint}")
+    if t.precision not in ("32-true", "32"):
+        _fail(
+            "trainer.precision",
+            "trainer=fsdp casts parameters itself (trainer.fsdp.param_dtype), so Lightning's precision "
+            f"must be 32-true, got {t.precision!r}",
+        )
 
 
 __all__ = [

@@ -126,3 +126,18 @@ def test_resume_with_another_worker_count_fails_clearly_or_continues_when_allowe
         run(changed, 4)
     relaxed = compose_config([*base, "data.num_workers=2", "data.exact_resume=false"], run_dir=tmp_path / "run")
     assert max(run(relaxed, 4).steps) == 4
+
+
+@pytest.mark.slow
+def test_the_wandb_run_id_travels_in_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    base = [*TINY, "logger=wandb", "callbacks.checkpoint_every_n_steps=2", "callbacks.telemetry.enabled=false"]
+    cfg = compose_config(base, run_dir=tmp_path / "run")
+    run(cfg, 2)
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text()
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["callbacks"]["ExactResume"]["wandb_id"] == run_id
+    (tmp_path / "run" / "wandb_id.txt").unlink()  # e.g. a checkpoint copied into a fresh run dir
+    run(cfg, 3)
+    assert (tmp_path / "run" / "wandb_id.txt").read_text() == run_id

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
 from vitreg.config import validate_config
 from vitreg.lit.callbacks import DataHealth, KNNProbe
+from vitreg.lit.checkpointing import AtomicCheckpointIO, checkpoint_callback, newest_good_checkpoint
 from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
-from vitreg.lit.resume import ExactResume
+from vitreg.lit.resume import ExactResume, restore_wandb_id
+from vitreg.lit.strategies import build_strategy
 from vitreg.lit.telemetry import ArtifactTelemetry
 from vitreg.runtime.signals import PreemptionHandler, slurm_plugins
 
@@ -53,12 +54,14 @@ def finish_wandb(trainer: L.Trainer) -> None:
 
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """An explicit ``ckpt_path`` wins; else the run's newest readable checkpoint (``last.ckpt``, or
+    the newest kept step checkpoint when ``last.ckpt`` is damaged); else None (a fresh run)."""
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
             raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
         return cfg.ckpt_path
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+    found = newest_good_checkpoint(run_dir / "checkpoints")
+    return str(found) if found else None
 
 
 def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict:
@@ -72,19 +75,12 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
 
     datamodule = SyntheticDataModule(cfg) if cfg.data.name == "synthetic" else WebDataModule(cfg)
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"),
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps,
-            save_last=True,
-            save_top_k=1,
-        )
+        checkpoint_callback(run_dir, cfg.callbacks.checkpoint_every_n_steps, cfg.callbacks.keep_last_k)
     ]
     if cfg.data.name == "webdataset" or cfg.data.synthetic.as_shards:
         w = cfg.data.webdataset
         callbacks.append(DataHealth(w.max_skip_fraction, w.min_samples_before_abort))
-    callbacks.append(ExactResume(datamodule, cfg.data.num_workers, strict=cfg.data.exact_resume))
+    callbacks.append(ExactResume(datamodule, cfg.data.num_workers, strict=cfg.data.exact_resume, run_dir=run_dir))
     knn = None
     if cfg.callbacks.knn_eval and cfg.data.name == "synthetic":  # needs labelled held-out images
         knn = KNNProbe(
@@ -103,11 +99,14 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     )
     callbacks.extend(extra_callbacks or [])
     max_steps = cfg.trainer.max_steps or cfg.optim.epochs * cfg.optim.official_epoch_length
+    resume = find_resume_checkpoint(cfg, run_dir)
+    if resume and cfg.logger.kind == "wandb":
+        restore_wandb_id(resume, run_dir)  # before the logger is built, so it continues the same run
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=build_strategy(cfg),
         precision=resolve_precision(cfg),
         max_steps=max_steps,
         max_epochs=-1,
@@ -118,10 +117,12 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         gradient_clip_val=cfg.optim.clip_grad or None,  # routed to DINOv2Module.configure_gradient_clipping
-        plugins=slurm_plugins(),  # under SLURM: Lightning's auto-requeue off (PreemptionHandler owns it)
+        plugins=[
+            AtomicCheckpointIO(),
+            *slurm_plugins(),
+        ],  # under SLURM: Lightning's auto-requeue off (PreemptionHandler owns it)
     )
     module = DINOv2Module(cfg, world_size=trainer.world_size)
-    resume = find_resume_checkpoint(cfg, run_dir)
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+WANDB_ID_FILE = "wandb_id.txt"  # as vitreg.lit.wandb_logger writes it
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -65,8 +67,11 @@ class ResumeMismatchError(RuntimeError):
 class ExactResume(L.Callback):
     """See the module docstring. ``datamodule.stream_resume`` receives the positions to continue from."""
 
-    def __init__(self, datamodule: L.LightningDataModule, num_workers: int, strict: bool = True) -> None:
+    def __init__(
+        self, datamodule: L.LightningDataModule, num_workers: int, strict: bool = True, run_dir: Path | None = None
+    ) -> None:
         self.datamodule = datamodule
+        self.run_dir = run_dir
         self.workers = max(1, num_workers)
         self.strict = strict
         self.positions: dict[int, int] = {}  # logical worker -> next buffer index
@@ -95,7 +100,9 @@ class ExactResume(L.Callback):
             "rng": collect_rng_states(),
         }
         ranks = _gather(rank_state)  # every rank saves; rank 0 writes the file with all of them
-        return {"world_size": len(ranks), "ranks": ranks}
+        id_file = self.run_dir / WANDB_ID_FILE if self.run_dir else None
+        wandb_id = id_file.read_text().strip() if id_file and id_file.exists() else None
+        return {"world_size": len(ranks), "ranks": ranks, "wandb_id": wandb_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         trainer = self._trainer
@@ -129,3 +136,22 @@ class ExactResume(L.Callback):
             "start_positions": dict(self.positions),
         }
         log.info("exact resume: %d batches consumed, stream positions %s", self.batches, self.positions)
+
+
+def restore_wandb_id(checkpoint: str | Path, run_dir: Path) -> str | None:
+    """Put the W&B run id saved in ``checkpoint`` back into ``run_dir`` when the run dir lost it (a
+    checkpoint copied elsewhere, or resumed with ``ckpt_path``), so the run continues the same W&B run.
+    Memory-maps the checkpoint: only its small callback state is read."""
+    import torch
+
+    id_file = run_dir / WANDB_ID_FILE
+    if id_file.exists():
+        return id_file.read_text().strip()
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    wandb_id = (ckpt.get("callbacks", {}).get(ExactResume.__qualname__) or {}).get("wandb_id")
+    if wandb_id:
+        from vitreg.utils.io import atomic_write_bytes
+
+        atomic_write_bytes(id_file, wandb_id.encode())
+        log.info("W&B run id %s restored from %s", wandb_id, checkpoint)
+    return wandb_id
