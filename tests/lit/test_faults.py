@@ -89,6 +89,7 @@ def cli_overrides(output_root: Path, steps: int) -> list[str]:
         f"trainer.max_steps={steps}",
         "callbacks.checkpoint_every_n_steps=2",
         "callbacks.telemetry.every_n_steps=1",
+        "trainer.log_every_n_steps=1",
         f"paths.output_root={output_root}",
         "paths.cache_dir=/tmp/vitreg-test-cache",
         "run_name=killed",
@@ -118,3 +119,9 @@ def test_kill_9_mid_training_then_restart_continues_from_the_last_checkpoint(tmp
 
     steps = [r["step"] for r in read_records(tmp_path / "killed")]
     assert steps[-1] == 40 and set(range(killed_at, 41)) <= set(steps)
+    # the CSV history has every step once: rows logged after the checkpoint, before the kill, were dropped
+    import csv
+
+    with open(tmp_path / "killed" / "logs" / "metrics.csv") as f:
+        loss_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert loss_steps == list(range(40))

@@ -52,6 +52,10 @@ def test_run_writes_checkpoint_config_metrics_and_resumes(tmp_path):
     assert resumed["steps"] == 6
     after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert after["global_step"] == 6
+    # the CSV history survives the restart: every step's loss once, before and after the resume
+    with open(run / "logs" / "metrics.csv") as f:
+        loss_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert loss_steps == list(range(6))
 
 
 @pytest.mark.slow

@@ -61,6 +61,11 @@ def readable(path: Path) -> str | None:
     return None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a checkpoint, read through a memory map (cheap for big checkpoints)."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
 def resume_candidates(checkpoint_dir: Path) -> list[Path]:
     """``last.ckpt`` first, then the kept step checkpoints, newest first."""
     steps = sorted(

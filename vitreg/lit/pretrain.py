@@ -8,12 +8,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from vitreg.config import validate_config
 from vitreg.lit.callbacks import DataHealth, KNNProbe
-from vitreg.lit.checkpointing import AtomicCheckpointIO, checkpoint_callback, newest_good_checkpoint
+from vitreg.lit.checkpointing import AtomicCheckpointIO, checkpoint_callback, checkpoint_step, newest_good_checkpoint
+from vitreg.lit.csv_logger import ResumableCSVLogger
 from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
 from vitreg.lit.resume import ExactResume, restore_wandb_id
@@ -32,12 +33,14 @@ def resolve_precision(cfg: DictConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "32-true"
 
 
-def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
+def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> Logger | bool:
+    """The configured logger. ``resume_step``: the step of the checkpoint being resumed; CSV rows from
+    that step on (logged before a crash, about to be logged again) are dropped, earlier ones kept."""
     kind = cfg.logger.kind
     if kind == "none":
         return False
     if kind == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        return ResumableCSVLogger(save_dir=str(run_dir), name="logs", version="", drop_from_step=resume_step)
     from vitreg.lit.wandb_logger import build_wandb_logger
 
     return build_wandb_logger(cfg, run_dir)
@@ -113,7 +116,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         deterministic=cfg.trainer.deterministic,
-        logger=build_logger(cfg, run_dir),
+        logger=build_logger(cfg, run_dir, checkpoint_step(resume) if resume else None),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         gradient_clip_val=cfg.optim.clip_grad or None,  # routed to DINOv2Module.configure_gradient_clipping
