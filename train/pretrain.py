@@ -20,8 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vitreg.config import ConfigError, register_configs
 from vitreg.lit.pretrain import pretrain
+from vitreg.runtime.run_dir import register_resolvers
 
 register_configs()
+register_resolvers()  # vitreg.run_dir & co. in conf/hydra/default.yaml: deterministic run dirs, same on every rank
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
