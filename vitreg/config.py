@@ -437,6 +437,12 @@ def _validate_trainer(c: DictConfig) -> None:
     t = c.trainer
     if not isinstance(t.num_nodes, int) or t.num_nodes < 1:
         _fail("trainer.num_nodes", f"must be an integer >= 1, got {t.num_nodes!r}")
+    if t.strategy in ("ddp", "fsdp") and c.ssl.on_nonfinite == "skip":
+        _fail(
+            "ssl.on_nonfinite",
+            f"skip is not possible with trainer={t.strategy}: Lightning refuses to skip a training step "
+            "(training_step returning None) in distributed training; use ssl.on_nonfinite=raise",
+        )
     if t.strategy != "fsdp":
         return
     for key in ("param_dtype", "reduce_dtype", "head_reduce_dtype"):

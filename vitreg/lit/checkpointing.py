@@ -2,7 +2,7 @@
 resume that skips a damaged ``last.ckpt`` for the newest readable one.
 
 Layout under ``<run_dir>/checkpoints/``: ``last.ckpt`` (every ``checkpoint_every_n_steps``) and the
-newest ``keep_last_k`` step checkpoints ``step<0000000>.ckpt``. Every file is written to a hidden
+newest ``keep_last_k`` step checkpoints ``step<0000000>.ckpt`` (directories of shards under FSDP2). Every file is written to a hidden
 temporary name in the same folder, fsynced and renamed, so a ``kill -9`` or a full disk during a
 write leaves the previous file intact.
 """
@@ -49,9 +49,22 @@ def checkpoint_callback(run_dir: Path, every_n_steps: int, keep_last_k: int) -> 
     )
 
 
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's top-level dict without its tensors' data: the file memory-mapped, or the
+    ``meta.pt`` of an FSDP2 sharded checkpoint directory."""
+    path = Path(path)
+    source = path / "meta.pt" if path.is_dir() else path
+    return torch.load(source, map_location="cpu", weights_only=False, mmap=not path.is_dir())
+
+
 def readable(path: Path) -> str | None:
     """None when ``path`` loads as a checkpoint, else why not. Memory-maps the file, so checking a
-    ViT-L checkpoint reads its index, not its gigabytes."""
+    ViT-L checkpoint reads its index, not its gigabytes; a sharded (FSDP2) directory is checked
+    through its metadata and shard count."""
+    if Path(path).is_dir():
+        from vitreg.lit.strategies import sharded_checkpoint_problem
+
+        return sharded_checkpoint_problem(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # truncated zip, garbage, permissions, ...
@@ -62,8 +75,8 @@ def readable(path: Path) -> str | None:
 
 
 def checkpoint_step(path: str | Path) -> int:
-    """The global step of a checkpoint, read through a memory map (cheap for big checkpoints)."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    """The global step of a checkpoint file or sharded directory, without reading the weights."""
+    return int(checkpoint_metadata(path)["global_step"])
 
 
 def resume_candidates(checkpoint_dir: Path) -> list[Path]:

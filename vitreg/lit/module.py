@@ -97,6 +97,17 @@ class DINOv2Module(L.LightningModule):
     def teacher(self) -> torch.nn.ModuleDict:
         return self.objective.teacher
 
+    # ------------------------------------------------------------------ distribution
+    def configure_model(self) -> None:
+        # trainer=fsdp (ModelParallelStrategy) sets a device mesh: shard student and teacher with FSDP2.
+        # Lightning calls this before configure_optimizers, so the optimiser gets the sharded parameters.
+        # Gradient clipping and the EMA work unchanged on the DTensor parameters (same names, same shards).
+        if self.device_mesh is None:
+            return  # one process or DDP: nothing to do
+        from vitreg.lit.strategies import shard_objective
+
+        shard_objective(self.objective, self.device_mesh["data_parallel"], self.cfg.trainer.fsdp)
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optim = self.cfg.optim

@@ -142,12 +142,12 @@ def restore_wandb_id(checkpoint: str | Path, run_dir: Path) -> str | None:
     """Put the W&B run id saved in ``checkpoint`` back into ``run_dir`` when the run dir lost it (a
     checkpoint copied elsewhere, or resumed with ``ckpt_path``), so the run continues the same W&B run.
     Memory-maps the checkpoint: only its small callback state is read."""
-    import torch
-
     id_file = run_dir / WANDB_ID_FILE
     if id_file.exists():
         return id_file.read_text().strip()
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    from vitreg.lit.checkpointing import checkpoint_metadata
+
+    ckpt = checkpoint_metadata(checkpoint)
     wandb_id = (ckpt.get("callbacks", {}).get(ExactResume.__qualname__) or {}).get("wandb_id")
     if wandb_id:
         from vitreg.utils.io import atomic_write_bytes

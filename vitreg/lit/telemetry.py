@@ -11,6 +11,7 @@ import lightning as L
 from omegaconf import DictConfig
 from torch import Tensor
 
+from vitreg.lit.strategies import is_sharded, unsharded_copy
 from vitreg.telemetry.detectors import DetectorSettings
 from vitreg.telemetry.measure import measure
 from vitreg.telemetry.probe import image_probe, load_probe, save_probe, synthetic_probe
@@ -99,13 +100,20 @@ class ArtifactTelemetry(L.Callback):
     def measure_now(self, trainer: L.Trainer, module: L.LightningModule) -> list[dict]:
         step = trainer.global_step
         self.last_step = step
-        if not trainer.is_global_zero:
+        # Under FSDP2 (trainer=fsdp) the weights are sharded: every rank joins the gather of a full fp32
+        # copy (a collective), and rank 0 measures the copy alone, as it measures its replica under DDP.
+        sharded = is_sharded(module)
+        if not trainer.is_global_zero and not sharded:
             return []
         start = time.perf_counter()
-        probe = self._ensure_probe()
+        probe = self._ensure_probe() if trainer.is_global_zero else None
         records = []
         for model in self.t.models:
             backbone = getattr(module, model).backbone
+            if sharded:
+                backbone = unsharded_copy(backbone, module.device)  # None except on rank 0
+            if not trainer.is_global_zero:
+                continue
             for res in self.resolutions:
                 record, maps = measure(
                     backbone,
