@@ -263,6 +263,7 @@ class PretrainConfig:
     run_name: str = "default"  # names the run directory: deterministic, never a timestamp
     seed: int = 0
     ckpt_path: str | None = None  # resume from this Lightning checkpoint
+    resume: str = "auto"  # auto: continue from the run dir's newest good checkpoint; never: start fresh
     run_id: str | None = None  # run dir <output_root>/<run_name>/<run_id> (vitreg/runtime/run_dir.py)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -300,6 +301,7 @@ CHOICES = {
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "model.attn_backend": ("auto", "sdpa", "xformers", "math"),
     "data.name": ("synthetic", "webdataset"),
+    "resume": ("auto", "never"),
     "callbacks.telemetry.stream": ("prenorm", "postnorm"),
     "callbacks.telemetry.detector": ("fixed", "robust_z", "valley"),
     "callbacks.telemetry.media_style": ("fast", "figures"),

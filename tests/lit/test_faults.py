@@ -125,3 +125,13 @@ def test_kill_9_mid_training_then_restart_continues_from_the_last_checkpoint(tmp
     with open(tmp_path / "killed" / "logs" / "metrics.csv") as f:
         loss_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert loss_steps == list(range(40))
+
+
+@pytest.mark.slow
+def test_resume_never_starts_afresh_in_a_run_dir_with_checkpoints(tmp_path, caplog):
+    base = [*TINY, "callbacks.checkpoint_every_n_steps=2", "callbacks.telemetry.enabled=false"]
+    assert pretrain(compose_config([*base, "trainer.max_steps=2"], run_dir=tmp_path / "run"))["steps"] == 2
+    with caplog.at_level(logging.WARNING):
+        fresh = pretrain(compose_config([*base, "trainer.max_steps=1", "resume=never"], run_dir=tmp_path / "run"))
+    assert fresh["steps"] == 1  # from step 0, not from the checkpoint at step 2
+    assert "resume=never: starting afresh" in caplog.text

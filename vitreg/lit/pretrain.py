@@ -13,7 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitreg.config import validate_config
 from vitreg.lit.callbacks import DataHealth, KNNProbe
-from vitreg.lit.checkpointing import AtomicCheckpointIO, checkpoint_callback, checkpoint_step, newest_good_checkpoint
+from vitreg.lit.checkpointing import (
+    AtomicCheckpointIO,
+    checkpoint_callback,
+    checkpoint_step,
+    newest_good_checkpoint,
+    resume_candidates,
+)
 from vitreg.lit.csv_logger import ResumableCSVLogger
 from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
@@ -57,12 +63,16 @@ def finish_wandb(trainer: L.Trainer) -> None:
 
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """An explicit ``ckpt_path`` wins; else the run's newest readable checkpoint (``last.ckpt``, or
-    the newest kept step checkpoint when ``last.ckpt`` is damaged); else None (a fresh run)."""
+    """An explicit ``ckpt_path`` wins; else (``resume=auto``) the run's newest readable checkpoint
+    (``last.ckpt``, or the newest kept step checkpoint when ``last.ckpt`` is damaged); else None."""
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
             raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
         return cfg.ckpt_path
+    if cfg.resume == "never":
+        if resume_candidates(run_dir / "checkpoints"):
+            log.warning("resume=never: starting afresh although %s holds checkpoints", run_dir / "checkpoints")
+        return None
     found = newest_good_checkpoint(run_dir / "checkpoints")
     return str(found) if found else None
 
