@@ -164,10 +164,9 @@ def test_register_sweep_array_with_preemption_and_requeue(slurm_cluster: SlurmCl
     assert resumed_at == [str(stop_step)], second[-3000:]
     assert run_dir_of(output_root, job, SIGNALLED_TASK) == run_dir
     assert "preemption: requeueing" not in second and "preemption: saved" not in second
-    # No step was trained twice: the logged steps strictly increase and end at the last step. (Lightning
-    # 2.6's CSVLogger deletes an existing metrics.csv when a run starts again in the same log dir, so
-    # the file may hold only the restart's rows; either way a restart from step 0 would repeat steps.)
+    # No step was trained twice: the CSV history (kept across the restart) strictly increases, holds rows
+    # from before the preemption and ends at the last step; a restart from step 0 would repeat steps.
     steps = metric_steps(run_dir / "logs" / "metrics.csv")
     assert steps == sorted(set(steps)) and steps[-1] == MAX_STEPS - 1, steps
-    assert set(steps) <= set(range(4, MAX_STEPS, 5)), steps
+    assert steps[0] < stop_step, steps
     print(f"\nSLURM sweep: {len(REGISTERS)} tasks + 1 restart in {elapsed:.0f} s (preempted at step {stop_step})")
