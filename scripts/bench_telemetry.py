@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -69,8 +70,11 @@ def run(overrides: list[str], run_dir: Path, warmup: int) -> tuple[StepTimer, di
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
     timer = StepTimer(warmup)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     summary = pretrain(cfg, extra_callbacks=[timer])
-    return timer, {**summary, "cfg": cfg}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return timer, {**summary, "cfg": cfg, "peak_gib": peak}
 
 
 def main() -> None:
@@ -114,6 +118,8 @@ def main() -> None:
     )
     print(f"overhead at every_n_steps={every}: {100 * per_measurement / (every * step_off):.2f}% of training time")
     print(f"end-to-end ratio (with / without): {on.total / off.total:.3f}")
+    if summary["peak_gib"] is not None:
+        print(f"peak GPU memory (rank 0, with telemetry): {summary['peak_gib']:.1f} GiB")
 
 
 if __name__ == "__main__":
