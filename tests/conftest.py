@@ -55,3 +55,18 @@ def compose_config(overrides: list[str] | None = None, run_dir: Path | None = No
 @pytest.fixture
 def tiny_cfg(tmp_path) -> DictConfig:
     return compose_config(TINY, run_dir=tmp_path / "run")
+
+
+def write_class_folders(root: Path, num_images: int, image_size: int, num_classes: int, seed: int) -> Path:
+    """Synthetic JPEGs in class folders (``root/images/<class>/<i>.jpg``), as a user's photo folder."""
+    from PIL import Image
+
+    from vitreg.data.synthetic import SyntheticShapes
+
+    images = SyntheticShapes(num_images, image_size=image_size, num_classes=num_classes, seed=seed)
+    for i in range(len(images)):
+        img, label = images.render(i)
+        folder = root / "images" / images.class_names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i}.jpg", quality=90)
+    return root / "images"

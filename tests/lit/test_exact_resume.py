@@ -10,11 +10,9 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import open_dict
-from PIL import Image
 
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, write_class_folders
 from vitreg.data.shards import find_images, write_shards
-from vitreg.data.synthetic import SyntheticShapes
 from vitreg.lit.pretrain import pretrain
 from vitreg.lit.resume import ResumeMismatchError
 
@@ -80,13 +78,7 @@ def test_resume_reproduces_the_uninterrupted_run_on_synthetic_shards(tmp_path, w
 @pytest.fixture(scope="module")
 def jpeg_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("wds")
-    images = SyntheticShapes(40, image_size=48, num_classes=4, seed=5)
-    for i in range(len(images)):
-        img, label = images.render(i)
-        folder = root / "images" / images.class_names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i}.jpg", quality=90)
-    items, classes = find_images(root / "images")
+    items, classes = find_images(write_class_folders(root, 40, image_size=48, num_classes=4, seed=5))
     write_shards(items, root / "shards", max_count=8, class_names=classes, progress=False)
     return root / "shards"
 

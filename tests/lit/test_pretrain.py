@@ -79,18 +79,11 @@ def test_wandb_offline_run_keeps_its_id_across_restarts(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_training_streams_shards_made_by_make_shards(tmp_path):
     """The user path: a folder of images -> scripts/make_shards.py's writer -> data=webdataset."""
-    from PIL import Image
-
+    from tests.conftest import write_class_folders
     from vitreg.data.shards import find_images, write_shards
-    from vitreg.data.synthetic import SyntheticShapes
 
-    images = SyntheticShapes(24, image_size=40, num_classes=3, seed=0)
-    for i in range(len(images)):
-        img, label = images.render(i)
-        folder = tmp_path / "images" / images.class_names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i}.jpg", quality=90)
-    (tmp_path / "images" / images.class_names[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    folders = write_class_folders(tmp_path, 24, image_size=40, num_classes=3, seed=0)
+    (sorted(folders.iterdir())[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     items, classes = find_images(tmp_path / "images")
     summary = write_shards(items, tmp_path / "shards", max_count=8, class_names=classes, progress=False)
     assert summary.images_written == 24 and len(summary.shards) == 3 and len(summary.skipped) == 1
