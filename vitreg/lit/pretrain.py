@@ -46,7 +46,10 @@ def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
     if kind == "none":
         return False
     if kind == "csv":
-        return ResumableCSVLogger(save_dir=str(run_dir), name="logs", version="", drop_from_step=resume_step)
+        # rows reach the disk at every logged step (an appended line), so a crash loses at most one
+        return ResumableCSVLogger(
+            save_dir=str(run_dir), name="logs", version="", drop_from_step=resume_step, flush_logs_every_n_steps=1
+        )
     from vitreg.lit.wandb_logger import build_wandb_logger
 
     return build_wandb_logger(cfg, run_dir)
