@@ -66,7 +66,7 @@ def readable(path: Path) -> str | None:
 
         return sharded_checkpoint_problem(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = checkpoint_metadata(path)
     except Exception as err:  # truncated zip, garbage, permissions, ...
         return f"{type(err).__name__}: {err}"
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:

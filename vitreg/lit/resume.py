@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vitreg.lit.wandb_logger import ID_FILE
+
 log = logging.getLogger(__name__)
-WANDB_ID_FILE = "wandb_id.txt"  # as vitreg.lit.wandb_logger writes it
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -100,7 +101,7 @@ class ExactResume(L.Callback):
             "rng": collect_rng_states(),
         }
         ranks = _gather(rank_state)  # every rank saves; rank 0 writes the file with all of them
-        id_file = self.run_dir / WANDB_ID_FILE if self.run_dir else None
+        id_file = self.run_dir / ID_FILE if self.run_dir else None
         wandb_id = id_file.read_text().strip() if id_file and id_file.exists() else None
         return {"world_size": len(ranks), "ranks": ranks, "wandb_id": wandb_id}
 
@@ -142,7 +143,7 @@ def restore_wandb_id(checkpoint: str | Path, run_dir: Path) -> str | None:
     """Put the W&B run id saved in ``checkpoint`` back into ``run_dir`` when the run dir lost it (a
     checkpoint copied elsewhere, or resumed with ``ckpt_path``), so the run continues the same W&B run.
     Memory-maps the checkpoint: only its small callback state is read."""
-    id_file = run_dir / WANDB_ID_FILE
+    id_file = run_dir / ID_FILE
     if id_file.exists():
         return id_file.read_text().strip()
     from vitreg.lit.checkpointing import checkpoint_metadata

@@ -47,12 +47,10 @@ def synthetic_probe(num_images: int, image_size: int, seed: int, num_classes: in
 
 
 def _decoded(blobs: Iterator[tuple[str, bytes]]) -> Iterator[Tensor]:
-    skipped = 0
     for name, data in blobs:
         try:
             yield decode_image(data, min_side=8)
         except DecodeError as err:
-            skipped += 1
             log.warning("probe images: skipping %s (%s)", name, err.reason)
 
 
@@ -66,18 +64,16 @@ def _folder_blobs(folder: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def _shard_blobs(shards: Sequence[str]) -> Iterator[tuple[str, bytes]]:
-    import tarfile
+    """The image bytes of each sample, through the training reader (unreadable or truncated shards
+    are skipped with a warning, never raised)."""
+    from vitreg.data.webdataset import IMAGE_EXTENSIONS, SkipCounter, iter_tar_samples
 
+    skips = SkipCounter()
     for shard in shards:
-        try:
-            with tarfile.open(shard, "r|*") as tar:
-                for member in tar:
-                    if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in ("jpg", "jpeg", "png", "webp"):
-                        data = tar.extractfile(member)
-                        if data is not None:
-                            yield f"{shard}:{member.name}", data.read()
-        except (tarfile.TarError, OSError) as err:
-            log.warning("probe images: unreadable shard %s (%s)", shard, err)
+        for sample in iter_tar_samples(shard, skips):
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext is not None:
+                yield f"{shard}:{sample['__key__']}", sample[ext]
 
 
 def image_probe(source: str | os.PathLike | Sequence[str], num_images: int, size: int = 224) -> Tensor:

@@ -179,6 +179,7 @@ def compute_statistics(cap: Capture, s: TelemetrySettings = TelemetrySettings())
     outliers, masks = _outliers(cap, s)
     head_masks = masks[s.detector]
     last_mask = head_masks[-1]  # (B, P): the artifacts, as the headline detector sees them at the output
+    position_frequency = last_mask.float().mean(0).view(h, w)
     stream_norms = [getattr(layer, f"{s.stream}_norms") for layer in cap.layers]
     cos = cap.neighbour_cosine.flatten(1)  # (B, P)
     record = {
@@ -202,7 +203,7 @@ def compute_statistics(cap: Capture, s: TelemetrySettings = TelemetrySettings())
         "massive_activation_ratio": [
             layer.max_abs_activation / max(layer.median_abs_activation, 1e-12) for layer in cap.layers
         ],
-        "position_frequency": last_mask.float().mean(0).view(h, w).tolist(),
+        "position_frequency": position_frequency.tolist(),
         "redundancy": {
             "outlier_neighbour_cosine": float(cos[last_mask].mean()) if last_mask.any() else None,
             "normal_neighbour_cosine": float(cos[~last_mask].mean()) if (~last_mask).any() else None,
@@ -215,7 +216,7 @@ def compute_statistics(cap: Capture, s: TelemetrySettings = TelemetrySettings())
     maps = {
         "norm": getattr(last, f"{s.stream}_norms")[:n, k:].reshape(n, h, w).numpy(),
         "outliers": last_mask[:n].reshape(n, h, w).numpy(),
-        "position_frequency": last_mask.float().mean(0).view(h, w).numpy(),
+        "position_frequency": position_frequency.numpy(),
     }
     if last.cls_attention is not None:
         maps["cls_attention"] = last.cls_attention[:n, :, k:].mean(1).reshape(n, h, w).numpy()
