@@ -11,7 +11,7 @@ Printed:
 - the overhead at the configured cadence: measurement time / (every_n_steps x baseline step time);
 - the end-to-end ratio of the two runs' training times (noisier: it includes run-to-run jitter).
 
-    python scripts/bench_telemetry.py                       # demo config, 60 steps, cadence 25
+    python scripts/bench_telemetry.py                       # demo config, 60 steps, cadence 50
     python scripts/bench_telemetry.py --wandb               # + W&B offline media (images, histograms)
     python scripts/bench_telemetry.py --steps 100 -- model=vitb callbacks.telemetry.every_n_steps=500
 """
