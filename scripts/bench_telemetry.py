@@ -93,7 +93,7 @@ def main() -> None:
         *experiment,
         *args.overrides,
         f"trainer.max_steps={args.steps}",
-        "callbacks.knn_eval=false",
+        "callbacks.online_knn.enabled=false",
         "trainer.enable_progress_bar=false",
         "callbacks.checkpoint_every_n_steps=100000",
         f"logger={'wandb' if args.wandb else 'none'}",

@@ -35,7 +35,7 @@ TINY = [
     "optim.official_epoch_length=5",
     "optim.epochs=2",
     "trainer.enable_progress_bar=false",
-    "callbacks.knn_eval=false",
+    "callbacks.online_knn.enabled=false",
     "callbacks.telemetry.num_images=8",
 ]
 

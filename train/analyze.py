@@ -1,8 +1,13 @@
-"""Artifact statistics of any checkpoint, written as a report folder (report.json + PNG plots).
+"""Artifact statistics and evaluations of any checkpoint, written into its report folder.
 
-python train/analyze.py checkpoint=outputs/demo/checkpoints/last.ckpt
-python train/analyze.py checkpoint=dinov2_vitl14_reg4_pretrain.pth images=/data/photos
+python train/analyze.py checkpoint=outputs/demo/checkpoints/last.ckpt                 # telemetry report
 python train/analyze.py checkpoint=dinov2_vitl14_pretrain.pth images=/data/photos resolutions=[224,448]
+python train/analyze.py task=knn checkpoint=... data.train=shards/in1k-train data.val=shards/in1k-val
+torchrun --nproc_per_node=8 train/analyze.py task=linear checkpoint=... data.train=... data.val=...
+python train/analyze.py task=lost checkpoint=... lost.dataset=VOCdevkit/VOC2007 lost.image_set=trainval
+python train/analyze.py task=local|global|occlusion checkpoint=... images=/data/photos
+
+Tasks and their outputs: docs/evaluation.md (evaluations) and docs/telemetry.md (telemetry).
 """
 
 from __future__ import annotations
@@ -12,16 +17,19 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vitreg.config import ConfigError, register_configs, validate_analyze_config
+from vitreg.eval.summary import summary_lines
+from vitreg.eval.tasks import run_task
 from vitreg.lit.telemetry import telemetry_settings
+from vitreg.runtime.launch import init_distributed, shutdown_distributed
 from vitreg.telemetry.analyze import analyze_checkpoint
 
 register_configs()
-PATH_KEYS = ("checkpoint", "images", "out")
+PATH_KEYS = ("checkpoint", "images", "out", "data.train", "data.val", "lost.dataset")
 
 
 def quote_path_overrides(argv: list[str]) -> list[str]:
@@ -51,6 +59,25 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint)
+    if cfg.task == "telemetry":
+        telemetry(cfg, out)
+        return
+    info, device = init_distributed(cfg.device)
+    try:
+        path, payload = run_task(OmegaConf.to_container(cfg, resolve=True), out, device)
+    except ValueError as err:  # bad data or settings found while reading them: say what, not a traceback
+        sys.exit(f"{cfg.task} failed: {err}")
+    finally:
+        shutdown_distributed()
+    if info.is_main:
+        print(
+            f"\n{cfg.task} of {Path(cfg.checkpoint).name} ({payload['source']}, {payload['seconds']:.1f} s) -> {path}"
+        )
+        for line in summary_lines(cfg.task, payload["result"]):
+            print(f"  {line}")
+
+
+def telemetry(cfg: DictConfig, out: Path) -> None:
     summary = analyze_checkpoint(
         cfg.checkpoint,
         out,

@@ -41,11 +41,14 @@ def main(cfg: DictConfig) -> None:
     if "telemetry" in summary:
         print(f"telemetry:     {summary['telemetry']} (python scripts/plot_sweep.py {summary['run_dir']})")
     print(f"steps:         {summary['steps']} (skipped: {summary['skipped_steps']})")
-    if "knn" in summary:
-        knn = summary["knn"]
-        before, after = knn.get("before"), knn.get("after")
-        if before is not None and after is not None:
-            print(f"kNN top-1 of the teacher (held-out synthetic images): before {before:.1%} -> after {after:.1%}")
+    if "knn" in summary:  # the online kNN (callbacks.online_knn): percent per k, before (step 0) and after
+        before, after = summary["knn"].get("before"), summary["knn"].get("after")
+        if before and after:
+            key = "top1_k20" if "top1_k20" in after else list(after)[-1]
+            k = key.removeprefix("top1_k")
+            print(f"kNN top-1 (k={k}) of the teacher: before {before[key]:.1f}% -> after {after[key]:.1f}%")
+    if summary.get("linear", {}).get("after") is not None:
+        print(f"linear probe top-1 of the teacher: {summary['linear']['after']:.1f}%")
 
 
 if __name__ == "__main__":

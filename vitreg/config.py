@@ -224,12 +224,43 @@ class TelemetryConfig:
 
 
 @dataclass
+class OnlineKNNConfig:
+    """DINOv2's weighted kNN on the teacher's CLS during pretraining (vitreg/lit/probes.py::OnlineKNN)."""
+
+    enabled: bool = False
+    every_n_steps: int = 0  # 0: only before (step 0) and after training
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    temperature: float = 0.07
+    bank_size: int = 10000  # at most this many train-split images in the bank: bounds memory and time
+    num_queries: int = 5000  # at most this many val-split query images
+    train_source: str | None = None  # class folders, list file or labelled shards; null: synthetic held-out images
+    val_source: str | None = None
+    batch_size: int = 128  # images per process per forward
+    num_workers: int = 2
+
+
+@dataclass
+class OnlineLinearConfig:
+    """A linear classifier on the detached teacher CLS of every training batch (OnlineLinearProbe)."""
+
+    enabled: bool = False
+    every_n_steps: int = 0  # val/linear_top1 every n steps (0: only after training)
+    num_classes: int | None = None  # null: data.synthetic.num_classes (required with data=webdataset)
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    val_source: str | None = None  # null: the synthetic val split, or no val measurement with data=webdataset
+    num_queries: int = 5000
+    batch_size: int = 128
+    num_workers: int = 2
+
+
+@dataclass
 class CallbacksConfig:
     checkpoint_every_n_steps: int = 1250
     keep_last_k: int = 3  # step checkpoints kept besides last.ckpt (the fallback when last.ckpt is damaged)
-    knn_eval: bool = True  # teacher-CLS kNN on held-out synthetic images before and after training
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    online_knn: OnlineKNNConfig = field(default_factory=OnlineKNNConfig)
+    online_linear: OnlineLinearConfig = field(default_factory=OnlineLinearConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
@@ -269,8 +300,89 @@ class PretrainConfig:
 
 
 @dataclass
+class EvalDataConfig:
+    """Labelled images of the kNN, linear and global-probe tasks (vitreg/eval/data.py)."""
+
+    train: str = "synthetic"  # class-folder tree, list file, labelled shards, or synthetic
+    val: str = "synthetic"
+    resolution: int | None = None  # null: the checkpoint's training resolution (224 for official weights)
+    batch_size: int = 64  # per process, for feature extraction
+    num_workers: int = 4
+    limit_train: int | None = None  # the first N images of a source
+    limit_val: int | None = None
+    synthetic_images: int = 2000  # per split, when a source is synthetic
+    synthetic_image_size: int = 64
+    synthetic_classes: int = 10
+
+
+@dataclass
+class KNNEvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+
+
+@dataclass
+class LinearEvalConfig:
+    mode: str = "augmented"  # augmented: DINOv2's protocol; cached: features extracted once (much cheaper)
+    n_last_blocks: list[int] = field(default_factory=lambda: [1, 4])
+    learning_rates: list[float] = field(
+        default_factory=lambda: [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
+    )
+    epochs: int = 10
+    iterations_per_epoch: int = 1250
+    batch_size: int = 128
+
+
+@dataclass
+class LostEvalConfig:
+    dataset: str | None = None  # VOC root (Annotations/ + JPEGImages/), boxes .json or .csv; null: generated images
+    image_set: str | None = None  # VOC ImageSets/Main/<image_set>.txt, e.g. trainval
+    no_hard: bool = False  # drop VOC images whose objects are all difficult or truncated
+    limit: int | None = None
+    layer: int = -1
+    kind: str = "k"  # k | q | v | out
+    normalize: str = "none"  # none | l2 | center | center_l2
+    gram_bias: float = 0.0
+    k_patches: int = 100
+    max_side: int | None = None  # downscale larger images (LOST: none)
+    sweep: bool = False  # also CorLoc over sweep_layers x sweep_kinds x sweep_biases x sweep_normalize
+    sweep_layers: list[int] = field(default_factory=lambda: [-1, -2, -3, -4])
+    sweep_kinds: list[str] = field(default_factory=lambda: ["k", "q", "v"])
+    sweep_biases: list[float] = field(default_factory=lambda: [0.0])
+    sweep_normalize: list[str] = field(default_factory=lambda: ["none"])
+    num_examples: int = 8  # images drawn with their boxes in lost_examples.png
+    generated_images: int = 32  # with dataset=null: images with one known object each
+
+
+@dataclass
+class OutlierProbeConfig:
+    """The paper's local (position, pixels) and global (single-token) probes of outlier tokens."""
+
+    layer: int = -1
+    detector: str = "valley"  # fixed | robust_z | valley, fitted on the probe set's patch norms
+    fixed_cutoff: float = 150.0
+    robust_z: float = 6.0
+    features: str = "normed"  # normed (final norm, DINOv2's output) | prenorm
+    fit_on: str = "all"  # position/pixel probes fitted on all tokens (evaluated per group) or per group
+    test_fraction: float = 0.25  # held-out images
+    repeats: int = 5  # random token draws of the global probe
+    classifier: str = "logistic"  # logistic | ridge (global probe)
+    min_outliers: int = 10
+
+
+@dataclass
+class OcclusionConfig:
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    faithfulness_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    repeats: int = 1
+
+
+ANALYZE_TASKS = ("telemetry", "knn", "linear", "lost", "local", "global", "occlusion")
+
+
+@dataclass
 class AnalyzeConfig:
-    """``train/analyze.py``: statistics of any checkpoint (see conf/analyze.yaml)."""
+    """``train/analyze.py``: statistics and evaluations of any checkpoint (see conf/analyze.yaml)."""
 
     task: str = "telemetry"
     checkpoint: str = MISSING
@@ -281,7 +393,14 @@ class AnalyzeConfig:
     out: str | None = None
     device: str | None = None
     seed: int = 0
+    autocast: str | None = None  # null: bf16 on CUDA, none on CPU; or float32 | bfloat16 | float16
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    knn: KNNEvalConfig = field(default_factory=KNNEvalConfig)
+    linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
+    lost: LostEvalConfig = field(default_factory=LostEvalConfig)
+    outliers: OutlierProbeConfig = field(default_factory=OutlierProbeConfig)
+    occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
 
 
 def register_configs() -> None:
@@ -388,6 +507,7 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
     if c.trainer.precision not in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         _fail("trainer.precision", f"use null (auto), 32-true, bf16-mixed or 16-mixed; got {c.trainer.precision!r}")
     _validate_telemetry(c)
+    _validate_online_probes(c)
     _validate_checkpoints(c)
     _validate_runtime(c)
     _validate_trainer(c)
@@ -413,6 +533,54 @@ def _validate_checkpoints(c: DictConfig) -> None:
             "callbacks.keep_last_k",
             f"must be >= 1 (the fallback when last.ckpt is damaged), got {c.callbacks.keep_last_k}",
         )
+
+
+def _validate_online_probes(c: DictConfig) -> None:
+    knn, linear = c.callbacks.online_knn, c.callbacks.online_linear
+    synthetic = c.data.name == "synthetic"
+    if knn.enabled:
+        ks = list(knn.ks)
+        if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+            _fail("callbacks.online_knn.ks", f"must be a non-empty list of positive integers, got {ks}")
+        if not knn.temperature > 0:
+            _fail("callbacks.online_knn.temperature", f"must be > 0, got {knn.temperature}")
+        if knn.bank_size < max(ks):
+            _fail("callbacks.online_knn.bank_size", f"{knn.bank_size} is smaller than the largest k {max(ks)}")
+        if not synthetic and not (knn.train_source and knn.val_source):
+            _fail(
+                "callbacks.online_knn.train_source",
+                "the online kNN needs labelled probe images with data=webdataset: set callbacks.online_knn."
+                "train_source and callbacks.online_knn.val_source (class folders, a list file or labelled shards), "
+                "or callbacks.online_knn.enabled=false",
+            )
+        if knn.every_n_steps < 0:
+            _fail("callbacks.online_knn.every_n_steps", f"must be >= 0, got {knn.every_n_steps}")
+        for key in ("num_queries", "batch_size"):
+            if knn[key] < 1:
+                _fail(f"callbacks.online_knn.{key}", f"must be >= 1, got {knn[key]}")
+        if knn.num_workers < 0:
+            _fail("callbacks.online_knn.num_workers", f"must be >= 0, got {knn.num_workers}")
+    if linear.enabled:
+        if linear.every_n_steps < 0:
+            _fail("callbacks.online_linear.every_n_steps", f"must be >= 0, got {linear.every_n_steps}")
+        if not linear.lr > 0:
+            _fail("callbacks.online_linear.lr", f"must be > 0, got {linear.lr}")
+        if not 0 <= linear.momentum < 1:
+            _fail("callbacks.online_linear.momentum", f"must be in [0, 1), got {linear.momentum}")
+        if linear.weight_decay < 0:
+            _fail("callbacks.online_linear.weight_decay", f"must be >= 0, got {linear.weight_decay}")
+        if linear.num_classes is None and not synthetic:
+            _fail(
+                "callbacks.online_linear.num_classes",
+                "required with data=webdataset: set it to the number of classes of the training shards' cls labels",
+            )
+        if linear.num_classes is not None and linear.num_classes < 2:
+            _fail("callbacks.online_linear.num_classes", f"must be >= 2, got {linear.num_classes}")
+        for key in ("num_queries", "batch_size"):
+            if linear[key] < 1:
+                _fail(f"callbacks.online_linear.{key}", f"must be >= 1, got {linear[key]}")
+        if linear.num_workers < 0:
+            _fail("callbacks.online_linear.num_workers", f"must be >= 0, got {linear.num_workers}")
 
 
 def _validate_telemetry(c: DictConfig) -> None:
@@ -473,8 +641,8 @@ __all__ = [
 
 def validate_analyze_config(c: DictConfig) -> None:
     """Reject analysis configs that cannot work, naming the key and the fix."""
-    if c.task not in ("telemetry",):
-        _fail("task", f"must be telemetry, got {c.task!r}")
+    if c.task not in ANALYZE_TASKS:
+        _fail("task", f"must be one of {', '.join(ANALYZE_TASKS)}, got {c.task!r}")
     if c.model not in ("teacher", "student"):
         _fail("model", f"must be teacher or student, got {c.model!r}")
     if c.num_images < 1:
@@ -490,3 +658,76 @@ def validate_analyze_config(c: DictConfig) -> None:
         _fail("telemetry.stream", f"must be prenorm or postnorm, got {t.stream!r}")
     if t.detector not in ("fixed", "robust_z", "valley"):
         _fail("telemetry.detector", f"must be fixed, robust_z or valley, got {t.detector!r}")
+    if c.autocast not in (None, "float32", "bfloat16", "float16"):
+        _fail("autocast", f"must be null, float32, bfloat16 or float16, got {c.autocast!r}")
+    _validate_eval_sections(c)
+
+
+def _validate_source(key: str, source: str) -> None:
+    import os
+
+    if source != "synthetic" and not os.path.exists(source) and "{" not in source:
+        _fail(key, f"no class-folder tree, list file or shards at {source}; or use synthetic")
+
+
+def _validate_eval_sections(c: DictConfig) -> None:
+    d = c.data
+    if c.task in ("knn", "linear", "global"):
+        _validate_source("data.train", d.train)
+        _validate_source("data.val", d.val)
+    for key in ("batch_size", "synthetic_images", "synthetic_image_size", "synthetic_classes"):
+        if d[key] < 1:
+            _fail(f"data.{key}", f"must be >= 1, got {d[key]}")
+    if d.synthetic_classes < 2:
+        _fail("data.synthetic_classes", f"a classification needs >= 2 classes, got {d.synthetic_classes}")
+    if d.num_workers < 0:
+        _fail("data.num_workers", f"must be >= 0, got {d.num_workers}")
+    for key in ("limit_train", "limit_val"):
+        if d[key] is not None and d[key] < 1:
+            _fail(f"data.{key}", f"must be null or >= 1, got {d[key]}")
+    if d.resolution is not None and d.resolution < 1:
+        _fail("data.resolution", f"must be null or a positive multiple of the patch size, got {d.resolution}")
+    if not c.knn.ks or any(k < 1 for k in c.knn.ks):
+        _fail("knn.ks", f"must be a non-empty list of positive integers, got {list(c.knn.ks)}")
+    if c.knn.temperature <= 0:
+        _fail("knn.temperature", f"must be > 0, got {c.knn.temperature}")
+    lin = c.linear
+    if lin.mode not in ("augmented", "cached"):
+        _fail("linear.mode", f"must be augmented (DINOv2's protocol) or cached, got {lin.mode!r}")
+    if not lin.n_last_blocks or any(n < 1 for n in lin.n_last_blocks):
+        _fail("linear.n_last_blocks", f"must be a non-empty list of positive integers, got {list(lin.n_last_blocks)}")
+    if not lin.learning_rates or any(lr <= 0 for lr in lin.learning_rates):
+        _fail("linear.learning_rates", f"must be a non-empty list of positive numbers, got {list(lin.learning_rates)}")
+    for key in ("epochs", "iterations_per_epoch", "batch_size"):
+        if lin[key] < 1:
+            _fail(f"linear.{key}", f"must be >= 1, got {lin[key]}")
+    lost = c.lost
+    kinds, norms = ("k", "q", "v", "out"), ("none", "l2", "center", "center_l2")
+    if lost.kind not in kinds or any(k not in kinds for k in lost.sweep_kinds):
+        _fail("lost.kind", f"feature kinds must be among {kinds}, got {lost.kind!r} / {list(lost.sweep_kinds)}")
+    if lost.normalize not in norms or any(n not in norms for n in lost.sweep_normalize):
+        _fail("lost.normalize", f"must be among {norms}, got {lost.normalize!r} / {list(lost.sweep_normalize)}")
+    if lost.k_patches < 1:
+        _fail("lost.k_patches", f"must be >= 1, got {lost.k_patches}")
+    if c.task == "lost" and lost.dataset is not None:
+        import os
+
+        if not os.path.exists(lost.dataset):
+            _fail("lost.dataset", f"no VOC folder, .json or .csv at {lost.dataset}; or null for generated images")
+    o = c.outliers
+    if o.detector not in ("fixed", "robust_z", "valley"):
+        _fail("outliers.detector", f"must be fixed, robust_z or valley, got {o.detector!r}")
+    if o.features not in ("normed", "prenorm"):
+        _fail("outliers.features", f"must be normed or prenorm, got {o.features!r}")
+    if o.fit_on not in ("all", "group"):
+        _fail("outliers.fit_on", f"must be all or group, got {o.fit_on!r}")
+    if o.classifier not in ("logistic", "ridge"):
+        _fail("outliers.classifier", f"must be logistic or ridge, got {o.classifier!r}")
+    if not 0 < o.test_fraction < 1:
+        _fail("outliers.test_fraction", f"must be in (0, 1), got {o.test_fraction}")
+    if o.repeats < 1:
+        _fail("outliers.repeats", f"must be >= 1, got {o.repeats}")
+    occ = c.occlusion
+    for key in ("fractions", "faithfulness_fractions"):
+        if not occ[key] or any(not 0 <= f < 1 for f in occ[key]):
+            _fail(f"occlusion.{key}", f"must be a non-empty list of fractions in [0, 1), got {list(occ[key])}")

@@ -142,7 +142,7 @@ class ReplayModule(DINOv2Module):
 
     def training_step(self, batch, batch_idx: int):
         out = super().training_step(self.replay[self.global_step], batch_idx)
-        self.losses.append(float("nan") if out is None else float(out.detach()))
+        self.losses.append(float("nan") if out is None else float(out["loss"].detach()))
         return out
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -260,13 +260,15 @@ def run_scenario(name: str, batches: list[dict], out: Path, world: int) -> dict:
 
 
 def _pretrain_cfg(run_dir: Path, devices: int, steps: int, ckpt_path: str | None = None) -> DictConfig:
-    """The production path (``pretrain``): synthetic shards, kNN before/after, telemetry at every step."""
+    """The production path (``pretrain``): synthetic shards, online kNN and linear probes, telemetry every 2 steps."""
     cfg = compose_config(
         [
             *TINY,
             "trainer=fsdp",  # with its default bf16 compute
             "data.batch_size_per_device=2",
-            "callbacks.knn_eval=true",
+            "callbacks.online_knn.enabled=true",
+            "callbacks.online_linear.enabled=true",
+            "callbacks.online_linear.every_n_steps=1",
             "callbacks.telemetry.every_n_steps=2",
             "callbacks.checkpoint_every_n_steps=2",
             "logger.kind=csv",

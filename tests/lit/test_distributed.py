@@ -304,12 +304,15 @@ def test_fsdp_checkpoint_resumes_with_another_world_size(runs):
 
 @pytest.mark.slow
 def test_pretrain_with_fsdp_telemetry_and_knn(runs):
-    """The production path on 2 processes, bf16 compute: the kNN forwards run on every rank, telemetry
+    """The production path on 2 processes, bf16 compute: the probes' forwards run on every rank in lock-step
+    (the probe images are split across ranks, the features gathered), telemetry
     measures a gathered fp32 copy on rank 0 (no deadlock either way); last.ckpt is a sharded directory."""
     out, _ = runs
     result = load(out, "pretrain_fsdp")
     assert result["first"]["steps"] == 2
-    assert {"before", "after"} <= set(result["first"]["knn"])
+    assert result["first"]["knn"]["before"] and result["first"]["knn"]["after"]
+    other = load(out, "pretrain_fsdp", rank=1)  # features gathered: both ranks computed the same numbers
+    assert other["first"]["knn"] == result["first"]["knn"] and other["first"]["linear"] == result["first"]["linear"]
     assert {".metadata", "meta.pt", "__0_0.distcp", "__1_0.distcp"} <= set(result["last_files"])
     assert result["last_problem"] is None  # sharded_checkpoint_problem accepts it
     # telemetry at step 0 (before any training forward) and at the end of the first run (step 2)
@@ -322,6 +325,9 @@ def test_pretrain_resumes_an_fsdp_sharded_checkpoint(runs):
     result = load(out, "pretrain_fsdp")
     assert result["resume_error"] is None, result["resume_error"]
     assert result["second"]["steps"] == 3
+    # probe state is in the sharded checkpoint's meta.pt (restored after on_fit_start under FSDP2)
+    assert result["second"]["knn"]["before"] == result["first"]["knn"]["before"]
+    assert result["second"]["linear"]["history"][0] == result["first"]["linear"]["history"][0]
     assert sorted({r["step"] for r in result["telemetry_records"]}) == [0, 2, 3]
 
 
@@ -330,7 +336,11 @@ def test_pretrain_with_ddp(runs):
     out, _ = runs
     result = load(out, "pretrain_ddp")
     assert result["summary"]["steps"] == 2 and result["last_is_file"]
-    assert {"before", "after"} <= set(result["summary"]["knn"])
+    knn, linear = result["summary"]["knn"], result["summary"]["linear"]
+    assert [s for s, _ in knn["history"]] == [0, 2] and knn["before"] and knn["after"]
+    assert [s for s, _ in linear["history"]] == [1, 2] and linear["after"] is not None
+    other = load(out, "pretrain_ddp", rank=1)["summary"]  # both ranks computed the same numbers
+    assert other["knn"] == knn and other["linear"] == linear
     assert sorted({r["step"] for r in result["telemetry_records"]}) == [0, 2]
 
 

@@ -21,14 +21,14 @@ def test_run_writes_checkpoint_config_metrics_and_resumes(tmp_path):
             *TINY,
             "trainer.max_steps=4",
             "callbacks.checkpoint_every_n_steps=2",
-            "callbacks.knn_eval=true",
+            "callbacks.online_knn.enabled=true",
             "trainer.log_every_n_steps=1",
         ],
         run_dir=tmp_path / "run",
     )
     summary = pretrain(cfg)
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0
-    assert 0.0 <= summary["knn"]["before"] <= 1.0 and 0.0 <= summary["knn"]["after"] <= 1.0
+    assert 0.0 <= summary["knn"]["before"]["top1_k20"] <= 100.0 and 0.0 <= summary["knn"]["after"]["top1_k20"] <= 100.0
     run = tmp_path / "run"
     assert (run / "config.yaml").read_text().count("num_register_tokens: 4") == 1
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -37,7 +37,7 @@ def test_run_writes_checkpoint_config_metrics_and_resumes(tmp_path):
     assert "objective.dino_center.center" in ckpt["state_dict"]
     with open(run / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {"train/loss", "lr", "knn/top1_before", "knn/top1_after"} <= set(rows[0])
+    assert {"train/loss", "lr", "val/knn_top1_k10", "val/knn_top1_k20"} <= set(rows[0])
 
     # the checkpoint carries its config: loading needs nothing else
     module = DINOv2Module.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False)
@@ -98,7 +98,6 @@ def test_training_streams_shards_made_by_make_shards(tmp_path):
             "data.webdataset.shuffle_buffer=8",
             "trainer.max_steps=3",
             "trainer.log_every_n_steps=1",
-            "callbacks.knn_eval=false",
         ],
         run_dir=tmp_path / "run",
     )

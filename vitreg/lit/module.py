@@ -170,7 +170,8 @@ class DINOv2Module(L.LightningModule):
         self.log_dict(metrics, batch_size=bs, sync_dist=False, prog_bar=False)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=bs)
         self._stepped = True
-        return loss
+        # the teacher's CLS of the global crops rides along (detached) for the online linear probe
+        return {"loss": loss, "teacher_cls": self.objective.teacher_cls}
 
     def _all_finite(self, terms: dict) -> bool:
         finite = torch.tensor(float(all(torch.isfinite(terms[k]).all() for k in terms)), device=self.device)

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from vitreg.config import validate_config
-from vitreg.lit.callbacks import DataHealth, KNNProbe
+from vitreg.lit.callbacks import DataHealth
 from vitreg.lit.checkpointing import (
     AtomicCheckpointIO,
     checkpoint_callback,
@@ -23,6 +23,7 @@ from vitreg.lit.checkpointing import (
 from vitreg.lit.csv_logger import ResumableCSVLogger
 from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
+from vitreg.lit.probes import build_online_probes
 from vitreg.lit.resume import ExactResume, restore_wandb_id
 from vitreg.lit.strategies import build_strategy
 from vitreg.lit.telemetry import ArtifactTelemetry
@@ -81,7 +82,7 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict:
-    """Train; returns a summary (paths, steps, kNN accuracies, telemetry cost). ``extra_callbacks``
+    """Train; returns a summary (paths, steps, online probe accuracies, telemetry cost). ``extra_callbacks``
     join the configured ones (benchmarks, tests)."""
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
@@ -97,15 +98,8 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         w = cfg.data.webdataset
         callbacks.append(DataHealth(w.max_skip_fraction, w.min_samples_before_abort))
     callbacks.append(ExactResume(datamodule, cfg.data.num_workers, strict=cfg.data.exact_resume, run_dir=run_dir))
-    knn = None
-    if cfg.callbacks.knn_eval and cfg.data.name == "synthetic":  # needs labelled held-out images
-        knn = KNNProbe(
-            datamodule.knn_loaders,
-            cfg.callbacks.knn_k,
-            cfg.callbacks.knn_temperature,
-            chance=1 / cfg.data.synthetic.num_classes,
-        )
-        callbacks.append(knn)
+    knn, linear = build_online_probes(cfg, datamodule)  # None unless callbacks.online_knn / online_linear
+    callbacks.extend(probe for probe in (knn, linear) if probe is not None)
     telemetry = None
     if cfg.callbacks.telemetry.enabled:
         telemetry = ArtifactTelemetry(cfg, run_dir)
@@ -151,8 +145,10 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         "steps": trainer.global_step,
         "skipped_steps": module.skipped_steps,
     }
-    if knn is not None:
-        summary["knn"] = dict(knn.results)
+    if knn is not None:  # {"before": {"top1_k20": %, ...}, "after": {...}, "history": [(step, {...}), ...]}
+        summary["knn"] = knn.results
+    if linear is not None:  # {"after": % or None, "history": [(step, %), ...]}
+        summary["linear"] = linear.results
     if telemetry is not None:
         summary["telemetry"] = str(run_dir / "telemetry")
         summary["telemetry_seconds"] = telemetry.seconds

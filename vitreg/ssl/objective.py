@@ -57,6 +57,7 @@ class DINOv2Objective(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         ibot_dim = (ibot_head or dino_head).out_dim
+        self.teacher_cls: Tensor | None = None  # the last batch's teacher CLS of the global crops, for probes
         if cfg.centering == "centering":
             self.dino_center = Centering(dino_head.out_dim, cfg.center_momentum)
             self.ibot_center = Centering(ibot_dim, cfg.center_momentum)
@@ -83,6 +84,7 @@ class DINOv2Objective(nn.Module):
     def _teacher(self, batch: dict, temp: float) -> tuple[Tensor, Tensor | None]:
         out = self.teacher.backbone.forward_features(batch["global_crops"])
         cls = out["x_norm_clstoken"]
+        self.teacher_cls = cls.detach()  # (2B, D), crop-major; read by the online probes, never a loss
         patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]] if self.do_ibot else None
         if patches is not None and "ibot_head" not in self.teacher:
             logits = self.teacher.dino_head(torch.cat([cls, patches]))

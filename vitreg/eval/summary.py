@@ -1,0 +1,107 @@
+"""One-screen console summaries of the evaluation results (the JSON files hold everything)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _knn(r: dict) -> list[str]:
+    lines = [f"{r['num_train']} bank / {r['num_val']} query images, {r['num_classes']} classes"]
+    for key, value in r.items():
+        if key.startswith("k="):
+            lines.append(f"{key:>6}: top-1 {_pct(value['top1'])}  top-5 {_pct(value.get('top5'))}")
+    lines.append(f"best: k={r['best']['k']} top-1 {_pct(r['best']['top1'])}")
+    return lines
+
+
+def _linear(r: dict) -> list[str]:
+    b = r["best"]
+    return [
+        f"{r['mode']} features, {r['num_train']} train / {r['num_val']} val images, {len(r['classifiers'])} classifiers",
+        f"best: top-1 {_pct(b['top1'])} ({b['name']}: last {b['n_blocks']} block(s), avgpool {b['avgpool']})",
+    ]
+
+
+def _lost(r: dict) -> list[str]:
+    s = r["settings"]
+    lines = [
+        f"CorLoc {_pct(r['corloc'])} on {r['num_images']} images "
+        f"(layer {s['layer']}, {s['kind']}, normalize {s['normalize']}, bias {s['gram_bias']}; "
+        f"{r['fallbacks']} fallbacks, {r['skipped_images']} unreadable)"
+    ]
+    if "sweep" in r:
+        b = r["sweep"]["best"]
+        lines.append(
+            f"sweep best: CorLoc {_pct(b['corloc'])} (layer {b['layer']}, {b['kind']}, normalize {b['normalize']}, "
+            f"bias {b['gram_bias']}) over {len(r['sweep']['settings'])} settings"
+        )
+    return lines
+
+
+def _group(entry: dict | None, key: str, fmt: Callable[[Any], str]) -> str:
+    return "n/a" if not entry else fmt(entry[key])
+
+
+def _local(r: dict) -> list[str]:
+    pos, rec = r["position"], r["reconstruction"]
+    lines = [
+        f"outliers: {100 * r['outlier_fraction']:.2f}% of patch tokens ({r['detector']} threshold "
+        f"{_num(r['threshold'])}, layer {r['layer']}, {r['num_images']} images)",
+        f"position top-1: normal {_group(pos['normal'], 'top1', _pct)}, outlier {_group(pos['outlier'], 'top1', _pct)}"
+        f" (chance {_pct(pos['chance_top1'])})",
+        f"position distance: normal {_group(pos['normal'], 'mean_distance', _num)}, "
+        f"outlier {_group(pos['outlier'], 'mean_distance', _num)} patches",
+        f"reconstruction MSE: normal {_group(rec['normal'], 'mse', _num)}, outlier {_group(rec['outlier'], 'mse', _num)}",
+    ]
+    if pos.get("note"):
+        lines.append(pos["note"])
+    return lines
+
+
+def _global(r: dict) -> list[str]:
+    lines = []
+    for kind, entry in r["global"].items():
+        if entry is None:
+            lines.append(f"{kind:>12}: n/a")
+        else:
+            lines.append(
+                f"{kind:>12}: top-1 {_pct(entry['top1'])} +- {entry.get('std') or 0:.1f} ({entry['count']} images)"
+            )
+    return lines
+
+
+def _occlusion(r: dict) -> list[str]:
+    lines = []
+    for key, entry in r["random"]["by_fraction"].items():
+        lines.append(f"random PatchDrop {key}: final CLS correlation {_num(entry['final_cls'])}")
+    for key, entry in r["faithfulness"]["by_fraction"].items():
+        lines.append(
+            f"drop {key} by CLS attention: most {_num(entry['most']['correlation'])}, least "
+            f"{_num(entry['least']['correlation'])}, random {_num(entry['random']['correlation'])} "
+            f"(gap {_num(entry['gap'])})"
+        )
+    return lines
+
+
+SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
+    "knn": _knn,
+    "linear": _linear,
+    "lost": _lost,
+    "local": _local,
+    "global": _global,
+    "occlusion": _occlusion,
+}
+
+
+def summary_lines(task: str, result: dict) -> list[str]:
+    """A few human-readable lines of a task's result dict."""
+    return SUMMARIES[task](result)
