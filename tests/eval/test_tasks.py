@@ -188,9 +188,9 @@ def test_bad_settings_fail_at_start_naming_the_key(tiny_checkpoint, override, ke
 
 
 def test_missing_sources_are_named(tiny_checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="data.val"):
+    with pytest.raises(ConfigError, match=r"data\.val"):
         analyze_cfg(["task=knn", f"checkpoint={tiny_checkpoint}", f"data.val={tmp_path / 'nope'}"])
-    with pytest.raises(ConfigError, match="lost.dataset"):
+    with pytest.raises(ConfigError, match=r"lost\.dataset"):
         analyze_cfg(["task=lost", f"checkpoint={tiny_checkpoint}", f"lost.dataset={tmp_path / 'nope.json'}"])
 
 
