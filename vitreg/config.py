@@ -121,7 +121,7 @@ class SyntheticDataConfig:
     num_classes: int = 10
     class_appearance: bool = True  # a class = shape + typical hue and texture; false: shape only (harder)
     as_shards: bool = True  # written once as shards under paths.cache_dir and streamed like real data
-    knn_train_images: int = 1000  # held-out sets for the before/after kNN check
+    knn_train_images: int = 1000  # held-out labelled pools of the online kNN / linear probes (bank, queries)
     knn_val_images: int = 500
 
 
