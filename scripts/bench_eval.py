@@ -77,7 +77,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_vit(args.model, num_register_tokens=args.registers, patch_size=14, img_size=args.resolution)
     model.to(device).eval().requires_grad_(False)
-    synthetic = {"num_images": args.images, "image_size": 96, "num_classes": 100}
+    synthetic = {"num_images": args.images, "image_size": 96, "num_classes": 10}
     print(
         f"{args.model}/14 + {args.registers} registers at {args.resolution}px, {args.images} images per split, "
         f"batch {args.batch_size}, {args.workers} workers, {device} {dtype or 'float32'}"

@@ -678,8 +678,11 @@ def _validate_eval_sections(c: DictConfig) -> None:
     for key in ("batch_size", "synthetic_images", "synthetic_image_size", "synthetic_classes"):
         if d[key] < 1:
             _fail(f"data.{key}", f"must be >= 1, got {d[key]}")
-    if d.synthetic_classes < 2:
-        _fail("data.synthetic_classes", f"a classification needs >= 2 classes, got {d.synthetic_classes}")
+    if not 2 <= d.synthetic_classes <= 12:
+        _fail(
+            "data.synthetic_classes",
+            f"synthetic images have 2 to 12 classes (one shape each), got {d.synthetic_classes}",
+        )
     if d.num_workers < 0:
         _fail("data.num_workers", f"must be >= 0, got {d.num_workers}")
     for key in ("limit_train", "limit_val"):
