@@ -20,8 +20,8 @@ import os
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,24 @@ class SkipCounter:
 
 
 SKIPS = SkipCounter()  # per process: each DataLoader worker has its own copy
+
+
+T = TypeVar("T")
+
+
+def buffer_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """WebDataset's streaming shuffle: keep ``size`` items, emit a random one as each new item arrives,
+    then the shuffled rest. Deterministic for a seeded ``rng`` (exact resume replays it)."""
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(len(buffer))
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -216,18 +234,6 @@ class ShardStream(IterableDataset):
                     f"first shards: {self.shards[:3]}. Check data.webdataset.shards; skipped so far: {dict(SKIPS.counts)}"
                 )
 
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
-        buffer: list[dict[str, Any]] = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
-
     def _decode(self, sample: dict[str, Any], generator: torch.Generator | None) -> Any | None:
         url = sample["__url__"]
         SKIPS.seen += 1
@@ -249,7 +255,9 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"buffer/{self.seed}/{rank}/{worker}/{self.epoch}")
         start = self.start_positions.get(worker, 0)
         generator = torch.Generator() if self.transform_takes_generator else None
-        for j, sample in enumerate(self._shuffled(self._raw_samples(rank, world, worker, workers), rng)):
+        for j, sample in enumerate(
+            buffer_shuffle(self._raw_samples(rank, world, worker, workers), self.shuffle_buffer, rng)
+        ):
             if j < start:  # resuming: these were consumed before the checkpoint; skip without decoding
                 continue
             if generator is not None:

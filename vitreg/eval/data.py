@@ -41,6 +41,7 @@ from vitreg.data.webdataset import (
     IMAGE_EXTENSIONS,
     SkipCounter,
     _split_key,
+    buffer_shuffle,
     iter_tar_samples,
     parse_label,
     sample_seed,
@@ -461,18 +462,6 @@ class LabelledImages(IterableDataset):
             if sample is not None:
                 yield index, sample
 
-    def _buffered(self, stream: Iterator, rng: random.Random) -> Iterator:
-        buffer: list = []
-        for item in stream:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], item = item, buffer[i]
-            yield item
-        rng.shuffle(buffer)
-        yield from buffer
-
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
         worker, workers = self._position()
         row = self._skip_table[worker % _MAX_WORKERS]
@@ -482,7 +471,7 @@ class LabelledImages(IterableDataset):
         if self.kind == "shards":
             stream = self._shard_stream(skips, worker, workers)
             if self.shuffle:
-                stream = self._buffered(stream, self._rng(worker))
+                stream = buffer_shuffle(stream, self.shuffle_buffer, self._rng(worker))
             loaded = ((index, self._decode_sample(sample, skips)) for index, sample in stream)
         else:
             indices = self._owned_indices(self.num_samples, worker, workers)
