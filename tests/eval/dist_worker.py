@@ -139,6 +139,7 @@ def main(argv: list[str]) -> int:
         torch.save(result, out / f"{name}.rank{rank}.pt")
         if failed:
             break
+    dist.barrier()  # no rank tears gloo down while its peer still talks to it
     dist.destroy_process_group()
     return 1 if failed else 0
 

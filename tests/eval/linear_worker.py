@@ -88,6 +88,7 @@ def main(argv: list[str]) -> int:
             if failed:
                 break
     finally:
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
         dist.destroy_process_group()
     return 1 if failed else 0
 

@@ -115,7 +115,9 @@ def test_extracted_features_do_not_depend_on_the_world_size(results):
     per_rank = load(results, "features")
     for rank, r in enumerate(per_rank):
         exact, batched = r["exact"], r["batched"]
-        assert torch.equal(exact["cls"], want.cls) and torch.equal(exact["patch_mean"], want.patch_mean)
+        # the workers compute on one thread, this process maybe on several: equal up to float reassociation
+        torch.testing.assert_close(exact["cls"], want.cls, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(exact["patch_mean"], want.patch_mean, rtol=1e-5, atol=1e-6)
         assert torch.equal(exact["labels"], want.labels) and exact["indices"].tolist() == list(range(worker.N_ROWS))
         assert batched["indices"].tolist() == list(range(worker.N_ROWS))
         torch.testing.assert_close(batched["cls"], want.cls, rtol=1e-5, atol=1e-5)
