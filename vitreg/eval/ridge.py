@@ -58,6 +58,23 @@ def _spd_solve(A: Tensor, B: Tensor) -> Tensor:
     return torch.linalg.lstsq(A, B, driver="gelsd").solution
 
 
+def _centred(X: Tensor, Y: Tensor, standardize: bool):
+    """Standardised float64 features, centred 2-D targets, and the map from a solution on those back to
+    ``(W, b)`` in raw coordinates (the bias absorbs the centring, so it is never penalised)."""
+    X, Y = X.double(), Y.double()
+    squeeze = Y.ndim == 1
+    Y2 = Y[:, None] if squeeze else Y
+    mean, scale = _standardizer(X, standardize)
+    y_mean = Y2.mean(0)
+
+    def raw(Ws: Tensor) -> tuple[Tensor, Tensor]:
+        W = Ws / scale[:, None]
+        b = y_mean - mean @ W
+        return (W[:, 0], b[0]) if squeeze else (W, b)
+
+    return (X - mean) / scale, Y2 - y_mean, raw
+
+
 def fit_ridge(
     X: Tensor, Y: Tensor, alpha: float, *, standardize: bool = True, solver: str = "auto"
 ) -> tuple[Tensor, Tensor]:
@@ -68,13 +85,7 @@ def fit_ridge(
         raise ValueError(f"fit_ridge: alpha must be >= 0, got {alpha}")
     if solver not in SOLVERS:
         raise ValueError(f"fit_ridge: solver must be one of {SOLVERS}, got {solver!r}")
-    X, Y = X.double(), Y.double()
-    squeeze = Y.ndim == 1
-    Y2 = Y[:, None] if squeeze else Y
-    mean, scale = _standardizer(X, standardize)
-    Xs = (X - mean) / scale
-    y_mean = Y2.mean(0)
-    Yc = Y2 - y_mean
+    Xs, Yc, raw = _centred(X, Y, standardize)
     n, d = Xs.shape
     if solver == "dual" or (solver == "auto" and n < d):
         gram = Xs @ Xs.T
@@ -84,9 +95,7 @@ def fit_ridge(
         gram = Xs.T @ Xs
         gram.diagonal().add_(alpha)
         Ws = _spd_solve(gram, Xs.T @ Yc)
-    W = Ws / scale[:, None]
-    b = y_mean - mean @ W
-    return (W[:, 0], b[0]) if squeeze else (W, b)
+    return raw(Ws)
 
 
 def fit_ridge_path(
@@ -97,13 +106,7 @@ def fit_ridge_path(
     _check_rows(X, Y, "fit_ridge_path")
     if any(a < 0 for a in alphas):
         raise ValueError(f"fit_ridge_path: every alpha must be >= 0, got {list(alphas)}")
-    X, Y = X.double(), Y.double()
-    squeeze = Y.ndim == 1
-    Y2 = Y[:, None] if squeeze else Y
-    mean, scale = _standardizer(X, standardize)
-    Xs = (X - mean) / scale
-    y_mean = Y2.mean(0)
-    Yc = Y2 - y_mean
+    Xs, Yc, raw = _centred(X, Y, standardize)
     n, d = Xs.shape
     dual = n < d
     evals, evecs = torch.linalg.eigh(Xs @ Xs.T if dual else Xs.T @ Xs)
@@ -117,9 +120,7 @@ def fit_ridge_path(
         Ws = evecs @ (inv[:, None] * projected)
         if dual:
             Ws = Xs.T @ Ws
-        W = Ws / scale[:, None]
-        b = y_mean - mean @ W
-        fits.append((W[:, 0], b[0]) if squeeze else (W, b))
+        fits.append(raw(Ws))
     return fits
 
 
