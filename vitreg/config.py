@@ -73,6 +73,9 @@ class IbotConfig(HeadConfig):
     mask_sample_probability: float = 0.5
     mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
     separate_head: bool = False
+    # Official DINOv2 masks the student's global crops even when iBOT is off (loss_weight=0), so
+    # mask_token keeps learning and DINO/KoLeo see masked inputs; false: no masking without iBOT.
+    mask_when_off: bool = True
 
 
 @dataclass
@@ -94,6 +97,9 @@ class SSLConfig:
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
     on_nonfinite: str = "raise"  # raise | skip: what a NaN/inf loss does
+    # with on_nonfinite=skip: stop with an error once more steps than this were skipped
+    # (>= 1: a count; in (0, 1): a fraction of the steps tried)
+    max_skipped_steps: float = 10
 
 
 @dataclass
@@ -134,6 +140,8 @@ class WebDatasetConfig:
     decode_draft: bool = True  # let libjpeg-turbo downscale big JPEGs while decoding (never below the global crop)
     max_skip_fraction: float = 0.05  # abort when more than this fraction of samples is unusable
     min_samples_before_abort: int = 1000  # ... measured over at least this many samples
+    max_unusable_in_a_row: int = 1000  # a loader worker stops with an error after this many unusable samples in a row
+    missing_shards: str | None = None  # error | warn; null: error on multi-node runs, warn otherwise
 
 
 @dataclass
@@ -295,6 +303,8 @@ class PretrainConfig:
     seed: int = 0
     ckpt_path: str | None = None  # resume from this Lightning checkpoint
     resume: str = "auto"  # auto: continue from the run dir's newest good checkpoint; never: start fresh
+    # keys (dotted, e.g. data.webdataset.shards) a resume may change although they change the run's meaning
+    resume_allow_changes: list[str] = field(default_factory=list)
     run_id: str | None = None  # run dir <output_root>/<run_name>/<run_id> (vitreg/runtime/run_dir.py)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
