@@ -19,7 +19,9 @@ from omegaconf import DictConfig, open_dict
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vitreg.config import ConfigError, register_configs
+from vitreg.data.webdataset import UnusableDataError
 from vitreg.lit.pretrain import pretrain
+from vitreg.lit.resume_check import ResumeConfigError
 from vitreg.runtime.run_dir import register_resolvers
 
 register_configs()
@@ -34,6 +36,13 @@ def main(cfg: DictConfig) -> None:
         summary = pretrain(cfg)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    except UnusableDataError as err:  # a stream that can never fill a batch (every sample unusable)
+        sys.exit(f"data error: {err.reason()}")
+    except ResumeConfigError as err:
+        sys.exit(f"resume refused: {err}")
+    if summary.get("already_finished"):
+        print(summary["already_finished"])
+        return
     print(f"\nrun directory: {summary['run_dir']}")
     print(f"config:        {summary['config']}")
     print(f"checkpoint:    {summary['checkpoint']}")

@@ -122,12 +122,29 @@ def test_no_signal_no_action_and_one_reduction_per_batch(tmp_path):
 
 def test_disabled_handler_installs_nothing(tmp_path):
     before = signal.getsignal(signal.SIGUSR1)
-    handler, _ = make_handler(tmp_path, {}, signals=[])
+    handler, _ = make_handler(tmp_path, {}, signals=[], save_on_interrupt=False)
     trainer = FakeTrainer()
     handler.on_train_start(trainer, None)
     assert signal.getsignal(signal.SIGUSR1) == before
     handler.on_train_batch_end(trainer, None, None, None, 0)
     assert trainer.strategy.reductions == 0
+
+
+def test_ctrl_c_saves_and_stops_without_requeue(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    handler, calls = make_handler(tmp_path, {"SLURM_JOB_ID": "42"}, signals=[])  # Ctrl-C needs no preemption list
+    trainer = FakeTrainer()
+    run_steps(handler, trainer, 10, signal_at=4, signum=signal.SIGINT)  # no KeyboardInterrupt reaches the loop
+    assert trainer.saved == [(str(tmp_path / "last.ckpt"), 4)]
+    assert trainer.should_stop and calls == []  # the user stopped it: never requeued
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_second_ctrl_c_interrupts_at_once(tmp_path):
+    handler, _ = make_handler(tmp_path, {})
+    handler._on_signal(signal.SIGINT, None)  # the first is only recorded
+    with pytest.raises(KeyboardInterrupt):
+        handler._on_signal(signal.SIGINT, None)
 
 
 def test_handler_only_records_the_signal(tmp_path):

@@ -16,8 +16,11 @@ from vitreg.lit.callbacks import DataHealth
 from vitreg.lit.checkpointing import (
     AtomicCheckpointIO,
     checkpoint_callback,
-    checkpoint_step,
+    checkpoint_dir,
+    checkpoint_metadata,
+    last_checkpoint_path,
     newest_good_checkpoint,
+    readable,
     resume_candidates,
 )
 from vitreg.lit.csv_logger import ResumableCSVLogger
@@ -25,9 +28,11 @@ from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
 from vitreg.lit.probes import build_online_probes
 from vitreg.lit.resume import ExactResume, restore_wandb_id
+from vitreg.lit.resume_check import check_resume_config
 from vitreg.lit.strategies import build_strategy
 from vitreg.lit.telemetry import ArtifactTelemetry
 from vitreg.runtime.signals import PreemptionHandler, slurm_plugins
+from vitreg.utils.io import atomic_write_bytes, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 # The teacher is in eval mode on purpose (no drop path); Lightning warns about any eval-mode module.
@@ -67,18 +72,61 @@ def finish_wandb(trainer: L.Trainer) -> None:
 
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """An explicit ``ckpt_path`` wins; else (``resume=auto``) the run's newest readable checkpoint
-    (``last.ckpt``, or the newest kept step checkpoint when ``last.ckpt`` is damaged); else None."""
+    """An explicit ``ckpt_path`` wins (it must be intact); else (``resume=auto``) the run's newest intact
+    checkpoint by step (a damaged one is skipped with a warning); else None."""
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
             raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+        problem = readable(Path(cfg.ckpt_path), verify_checksum=True)
+        if problem:
+            raise RuntimeError(f"ckpt_path: {cfg.ckpt_path} cannot be resumed: {problem}")
         return cfg.ckpt_path
     if cfg.resume == "never":
-        if resume_candidates(run_dir / "checkpoints"):
-            log.warning("resume=never: starting afresh although %s holds checkpoints", run_dir / "checkpoints")
+        if resume_candidates(checkpoint_dir(run_dir)):
+            log.warning("resume=never: starting afresh although %s holds checkpoints", checkpoint_dir(run_dir))
         return None
-    found = newest_good_checkpoint(run_dir / "checkpoints")
+    found = newest_good_checkpoint(checkpoint_dir(run_dir))
     return str(found) if found else None
+
+
+def max_training_steps(cfg: DictConfig) -> int:
+    return cfg.trainer.max_steps or cfg.optim.epochs * cfg.optim.official_epoch_length
+
+
+def accept_resume(cfg: DictConfig, resume: str) -> int:
+    """The checkpoint's step, once its config has been compared with this one (``ResumeConfigError``
+    when a change would make the resumed run a different experiment)."""
+    meta = checkpoint_metadata(resume)
+    saved = (meta.get("hyper_parameters") or {}).get("cfg")
+    new = OmegaConf.to_container(cfg, resolve=True)
+    check_resume_config(saved, new, resume, allowed=cfg.resume_allow_changes)
+    return int(meta["global_step"])
+
+
+def is_global_zero_process() -> bool:
+    """Rank 0 before the Trainer exists (from the launcher's environment, as Lightning reads it)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def finished_summary(cfg: DictConfig, run_dir: Path, resume: str, step: int, max_steps: int) -> dict:
+    """What pretrain returns for a run that has nothing left to do: no Trainer, no logger (so no empty
+    W&B run), config.yaml untouched."""
+    message = (
+        f"run {run_dir} already finished: {resume} is at step {step} of {max_steps}; raise trainer.max_steps "
+        "to train on, or start another run with run_name=<new name>"
+    )
+    log.warning(message)
+    return {
+        "run_dir": str(run_dir),
+        "config": str(run_dir / "config.yaml"),
+        "checkpoint": resume,
+        "steps": step,
+        "skipped_steps": 0,
+        "finished": True,
+        "already_finished": message,
+    }
 
 
 def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict:
@@ -86,8 +134,15 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     join the configured ones (benchmarks, tests)."""
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    if is_global_zero_process():  # no writer is active yet: what a killed write left is garbage
+        remove_stale_temp_files(checkpoint_dir(run_dir))
+    max_steps = max_training_steps(cfg)
+    resume = find_resume_checkpoint(cfg, run_dir)
+    resume_step = accept_resume(cfg, resume) if resume else None
+    if resume_step is not None and resume_step >= max_steps:
+        return finished_summary(cfg, run_dir, resume, resume_step, max_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = SyntheticDataModule(cfg) if cfg.data.name == "synthetic" else WebDataModule(cfg)
@@ -105,11 +160,14 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         telemetry = ArtifactTelemetry(cfg, run_dir)
         callbacks.append(telemetry)
     callbacks.append(  # SIGUSR1/SIGTERM: save last.ckpt, requeue under SLURM, stop (the only requeue owner)
-        PreemptionHandler(run_dir / "checkpoints" / "last.ckpt", cfg.runtime.signals, cfg.runtime.requeue)
+        PreemptionHandler(
+            last_checkpoint_path(run_dir),
+            cfg.runtime.signals,
+            cfg.runtime.requeue,
+            save_on_interrupt=cfg.runtime.save_on_interrupt,
+        )
     )
     callbacks.extend(extra_callbacks or [])
-    max_steps = cfg.trainer.max_steps or cfg.optim.epochs * cfg.optim.official_epoch_length
-    resume = find_resume_checkpoint(cfg, run_dir)
     if resume and cfg.logger.kind == "wandb":
         restore_wandb_id(resume, run_dir)  # before the logger is built, so it continues the same run
     trainer = L.Trainer(
@@ -123,7 +181,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         deterministic=cfg.trainer.deterministic,
-        logger=build_logger(cfg, run_dir, checkpoint_step(resume) if resume else None),
+        logger=build_logger(cfg, run_dir, resume_step),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         gradient_clip_val=cfg.optim.clip_grad or None,  # routed to DINOv2Module.configure_gradient_clipping
@@ -140,10 +198,11 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     summary = {
         "run_dir": str(run_dir),
         "config": str(run_dir / "config.yaml"),
-        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint": str(newest_good_checkpoint(checkpoint_dir(run_dir)) or last_checkpoint_path(run_dir)),
         "logs": str(run_dir / "logs") if cfg.logger.kind == "csv" else str(run_dir),
         "steps": trainer.global_step,
         "skipped_steps": module.skipped_steps,
+        "finished": trainer.global_step >= max_steps,
     }
     if knn is not None:  # {"before": {"top1_k20": %, ...}, "after": {...}, "history": [(step, {...}), ...]}
         summary["knn"] = knn.results

@@ -30,6 +30,8 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from omegaconf import DictConfig
 from torch import nn
 
+from vitreg.utils.io import load_weights_only
+
 log = logging.getLogger(__name__)
 
 # The backbone returns views (``x_norm[:, 0]``...); FSDP2 warns that an in-place op on such a view would skip
@@ -44,13 +46,17 @@ _WORLD_SIZE_KEY = "vitreg_distributed"
 
 def ddp_find_unused_parameters(cfg: DictConfig) -> bool:
     """``trainer.ddp.find_unused_parameters``, or when null, whether some student parameter can get no
-    gradient: ``mask_token`` is used only by iBOT's masked global crops, and with a separate iBOT head
-    the DINO head feeds only the DINO loss. With the default recipe every parameter gets a gradient."""
+    gradient: ``mask_token`` is used only when the global crops are masked (with iBOT, or without it
+    unless ``ssl.ibot.mask_when_off=false``), and the DINO head gets a gradient only from the DINO loss
+    or from iBOT sharing it. With the default recipe every parameter gets a gradient."""
     explicit = cfg.trainer.ddp.find_unused_parameters
     if explicit is not None:
         return bool(explicit)
-    ibot_on, dino_on = cfg.ssl.ibot.loss_weight > 0, cfg.ssl.dino.loss_weight > 0
-    return not ibot_on or (not dino_on and bool(cfg.ssl.ibot.separate_head))
+    ibot = cfg.ssl.ibot
+    ibot_on, dino_on = ibot.loss_weight > 0, cfg.ssl.dino.loss_weight > 0
+    mask_token_used = ibot_on or bool(ibot.get("mask_when_off", True))
+    dino_head_used = dino_on or (ibot_on and not ibot.separate_head)
+    return not (mask_token_used and dino_head_used)
 
 
 def build_strategy(cfg: DictConfig) -> str | Strategy:
@@ -95,7 +101,7 @@ def sharded_checkpoint_problem(path: str | Path) -> str | None:
     if not (path / ".metadata").is_file():
         return "no .metadata (an interrupted or foreign save)"
     try:
-        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        meta = load_weights_only(path / "meta.pt")
     except Exception as err:  # missing, truncated, ...
         return f"meta.pt unreadable ({type(err).__name__}: {err})"
     if not isinstance(meta, dict) or "global_step" not in meta:
@@ -131,7 +137,7 @@ class VitregDDPStrategy(DDPStrategy):
             raise ValueError(
                 f"{checkpoint_path} is a sharded FSDP2 checkpoint (a directory); resume it with trainer=fsdp"
             )
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=True)  # never unpickles code
         _warn_world_size_change(saved_world_size(checkpoint), self.world_size, checkpoint_path)
         return checkpoint
 
@@ -160,15 +166,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        # ``weights_only`` is ignored on purpose: checkpoints are untrusted input, never unpickled as code.
         path = Path(self.broadcast(checkpoint_path))
         if path.is_file():  # a full checkpoint from trainer=ddp or one process
-            checkpoint = self._load_full_checkpoint(path, weights_only)
+            checkpoint = self._load_full_checkpoint(path)
         else:
-            checkpoint = super().load_checkpoint(path, weights_only=weights_only)
+            checkpoint = super().load_checkpoint(path, weights_only=True)
         _warn_world_size_change(saved_world_size(checkpoint), self.world_size, path)
         return checkpoint
 
-    def _load_full_checkpoint(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+    def _load_full_checkpoint(self, path: Path) -> dict[str, Any]:
         """Weights and optimiser states of a single-file checkpoint, into the sharded module and optimiser.
 
         Lightning maps a plain optimiser state (keyed by position) to parameter names in the order of
@@ -183,7 +190,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         assert self.model is not None and self.lightning_module is not None
         strict = self.lightning_module.strict_loading
-        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=bool(weights_only))
+        checkpoint = load_weights_only(path, mmap=True)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
         set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
         fqn = {id(p): name for name, p in self.model.named_parameters()}

@@ -18,6 +18,9 @@ switched off by ``slurm_plugins``). The flow:
    the trainer winds down; one that arrives after the trainer's teardown ends the process, which
    is harmless then (checkpoint written, job requeued). Without SLURM nothing follows and the
    process exits 0. The requeued job finds ``last.ckpt`` and the W&B id in the same run directory.
+
+Ctrl-C (SIGINT) takes the same path, without the requeue: the first one saves ``last.ckpt`` at the end of
+the current batch and stops; a second one stops at once (``KeyboardInterrupt``, Lightning's shutdown).
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ class PreemptionHandler(L.Callback):
         requeue: requeue the SLURM job (only when ``SLURM_JOB_ID`` is set).
         env: the environment to read SLURM ids from (default ``os.environ``, read when needed).
         requeue_fn: ``job_id -> bool``; default ``scontrol_requeue``. Tests inject a fake.
+        save_on_interrupt: handle Ctrl-C (SIGINT) too: save and stop, never requeue; a second Ctrl-C
+            interrupts at once.
     """
 
     def __init__(
@@ -115,9 +120,11 @@ class PreemptionHandler(L.Callback):
         requeue: bool = True,
         env: Mapping[str, str] | None = None,
         requeue_fn: Callable[[str], bool] | None = None,
+        save_on_interrupt: bool = True,
     ) -> None:
         self.checkpoint_path = Path(checkpoint_path)
         self.signals: tuple[signal.Signals, ...] = tuple(dict.fromkeys(parse_signal(s) for s in signals))
+        self.save_on_interrupt = save_on_interrupt
         self.requeue = requeue
         self._env = env
         self._requeue_fn = requeue_fn or scontrol_requeue
@@ -135,17 +142,25 @@ class PreemptionHandler(L.Callback):
     def env(self) -> Mapping[str, str]:
         return os.environ if self._env is None else self._env
 
+    @property
+    def handled(self) -> tuple[signal.Signals, ...]:
+        """Every signal this handler takes over: the preemption signals, and SIGINT when saving on Ctrl-C."""
+        extra = (signal.SIGINT,) if self.save_on_interrupt and signal.SIGINT not in self.signals else ()
+        return self.signals + extra
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Async-signal context: record and return. list.append is atomic under the GIL.
+        if signum == signal.SIGINT and signal.SIGINT in self._received:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, as Python's own handler would
         self._received.append(signum)
 
     def _install(self) -> None:
-        if not self.signals:
+        if not self.handled:
             return
         if threading.current_thread() is not threading.main_thread():
-            log.warning("preemption: not in the main thread; signals %s are not handled", self._names(self.signals))
+            log.warning("preemption: not in the main thread; signals %s are not handled", self._names(self.handled))
             return
-        for signum in self.signals:
+        for signum in self.handled:
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _restore(self) -> None:
@@ -165,7 +180,7 @@ class PreemptionHandler(L.Callback):
         # Lightning's would raise SIGTERMException after this batch (exit without a clean stop).
         self._received.clear()
         self._install()
-        if trainer.is_global_zero and self.signals:
+        if trainer.is_global_zero and self.handled:
             env = self.env
             where = (
                 f"SLURM job {requeue_job_id(env)} (restart {env.get('SLURM_RESTART_COUNT', '0')})"
@@ -174,14 +189,14 @@ class PreemptionHandler(L.Callback):
             )
             log.info(
                 "preemption: %s handled at global step %d, %s; requeue %s",
-                self._names(self.signals),
+                self._names(self.handled),
                 trainer.global_step,
                 where,
                 "on" if self.requeue and env.get("SLURM_JOB_ID") else "off",
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if not self.signals or self.preempted:
+        if not self.handled or self.preempted:
             return
         # Every rank takes part in the reduction at every batch, so all agree when to stop.
         if not trainer.strategy.reduce_boolean_decision(bool(self._received), all=False):
@@ -205,13 +220,18 @@ class PreemptionHandler(L.Callback):
         step = trainer.global_step
         rank = trainer.global_rank
         got = self._names(self._received[:1]) if self._received else "a signal on another rank"
+        if self._received[:1] == [signal.SIGINT]:
+            got += " (Ctrl-C; press it again to stop without saving)"
         log.warning(
             "preemption: rank %d: %s; saving %s at global step %d and stopping", rank, got, self.checkpoint_path, step
         )
         trainer.save_checkpoint(str(self.checkpoint_path))
         if trainer.is_global_zero:
             log.warning("preemption: saved checkpoint at global step %d to %s", step, self.checkpoint_path)
-            self._maybe_requeue()
+            if self._received and all(s == signal.SIGINT for s in self._received):
+                log.warning("preemption: interrupted with Ctrl-C; not requeueing")
+            else:
+                self._maybe_requeue()
         self.preempted = True
         self.stopped_at_step = step
         trainer.should_stop = True
