@@ -9,10 +9,15 @@ choose between them.
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from vitreg.models.config import VIT_SIZES
 
@@ -285,6 +290,7 @@ class RuntimeConfig:
 
     requeue: bool = True  # under SLURM, `scontrol requeue` the job after the preemption checkpoint
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])  # empty: no preemption handling
+    save_on_interrupt: bool = True  # Ctrl-C saves last.ckpt after the current batch and stops; twice: stop at once
 
 
 @dataclass
@@ -430,11 +436,47 @@ CHOICES = {
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "model.attn_backend": ("auto", "sdpa", "xformers", "math"),
     "data.name": ("synthetic", "webdataset"),
+    "data.webdataset.missing_shards": (None, "error", "warn"),
     "resume": ("auto", "never"),
     "callbacks.telemetry.stream": ("prenorm", "postnorm"),
     "callbacks.telemetry.detector": ("fixed", "robust_z", "valley"),
     "callbacks.telemetry.media_style": ("fast", "figures"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
+
+# (key, test, requirement): each value must pass its test, else "<key>: must be <requirement>, got <value>".
+# NaN fails every test. Checked first, so later checks can divide by model.patch_size.
+RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("model.patch_size", lambda v: v >= 1, ">= 1 (14 for ViT-x/14, 16 for ViT-x/16)"),
+    ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1) (DINOv2: 0.3-0.4; 1 drops every block)"),
+    ("model.register_init_std", lambda v: v >= 0, ">= 0 (DINOv2: 1e-6)"),
+    ("augment.solarize_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1] (DINOv2: 0.2)"),
+    ("ssl.student_temp", lambda v: v > 0, "> 0 (DINOv2: 0.1)"),
+    ("ssl.teacher.teacher_temp", lambda v: v > 0, "> 0 (DINOv2: 0.07)"),
+    ("ssl.teacher.warmup_teacher_temp", lambda v: v > 0, "> 0 (DINOv2: 0.04)"),
+    ("ssl.teacher.warmup_teacher_temp_epochs", lambda v: v >= 0, ">= 0 (DINOv2: 30)"),
+    ("ssl.center_momentum", lambda v: 0 <= v <= 1, "in [0, 1] (DINOv2: 0.9)"),
+    ("ssl.sinkhorn_iterations", lambda v: v >= 1, ">= 1 (DINOv2: 3)"),
+    ("ssl.dino.loss_weight", lambda v: v >= 0, ">= 0 (0 turns the DINO loss off; a negative weight maximises it)"),
+    ("ssl.ibot.loss_weight", lambda v: v >= 0, ">= 0 (0 turns iBOT off; a negative weight maximises it)"),
+    ("ssl.dino.koleo_loss_weight", lambda v: v >= 0, ">= 0 (0 turns KoLeo off; DINOv2: 0.1)"),
+    ("optim.base_lr", lambda v: v > 0, "> 0 (DINOv2: 0.004 for a global batch of 1024)"),
+    ("optim.min_lr", lambda v: v >= 0, ">= 0 (DINOv2: 1e-6)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0 (DINOv2: 0.04)"),
+    ("optim.weight_decay_end", lambda v: v >= 0, ">= 0 (DINOv2: 0.4)"),
+    ("optim.layerwise_decay", lambda v: 0 < v <= 1, "in (0, 1] (DINOv2: 0.9; 1.0 for ViT-L/g)"),
+    ("optim.clip_grad", lambda v: v >= 0, ">= 0 (0 turns clipping off; DINOv2: 3.0)"),
+    ("optim.patch_embed_lr_mult", lambda v: v >= 0, ">= 0 (DINOv2: 0.2)"),
+    ("optim.adamw_beta1", lambda v: 0 <= v < 1, "in [0, 1) (DINOv2: 0.9)"),
+    ("optim.adamw_beta2", lambda v: 0 <= v < 1, "in [0, 1) (DINOv2: 0.999)"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0 (DINOv2: 10)"),
+    ("optim.freeze_last_layer_epochs", lambda v: v >= 0, ">= 0 (DINOv2: 1)"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0 (0 loads in the training process)"),
+    ("data.webdataset.shuffle_buffer", lambda v: v >= 1, ">= 1 samples per loader worker (1: no shuffling)"),
+    ("data.webdataset.min_image_side", lambda v: v is None or v >= 1, "null (the local crop size) or >= 1"),
+    ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1 (with 0 no metric is ever logged)"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1] (Lightning refuses other seeds)"),
+)
 
 
 class ConfigError(ValueError):
@@ -452,6 +494,7 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
         value = OmegaConf.select(c, key)
         if value not in allowed:
             _fail(key, f"must be one of {list(allowed)}, got {value!r}")
+    _validate_ranges(c)
     if c.registers < 0 or c.model.num_register_tokens < 0:
         _fail("registers", f"must be >= 0 (0 = no registers), got {c.model.num_register_tokens}")
     if c.model.arch not in VIT_SIZES:
@@ -468,15 +511,15 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
     if isinstance(blur, str):
         if blur not in ("dinov2", "intended"):
             _fail("augment.blur_probabilities", f"use dinov2, intended or [global1, global2, local]; got {blur!r}")
-    elif len(blur) != 3 or not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in blur):
-        _fail("augment.blur_probabilities", f"must be 3 probabilities [global1, global2, local], got {list(blur)}")
+    elif not _is_probabilities(blur, 3):
+        _fail("augment.blur_probabilities", f"must be 3 probabilities [global1, global2, local], got {blur!r}")
     if c.augment.local_crops_number < 0:
         _fail("augment.local_crops_number", f"must be >= 0, got {c.augment.local_crops_number}")
     for key in ("global_crops_scale", "local_crops_scale"):
-        lo, hi = c.augment[key]
+        lo, hi = _min_max(f"augment.{key}", c.augment[key])
         if not 0 < lo <= hi <= 1:
             _fail(f"augment.{key}", f"must be [min, max] with 0 < min <= max <= 1, got {[lo, hi]}")
-    lo, hi = c.ssl.ibot.mask_ratio_min_max
+    lo, hi = _min_max("ssl.ibot.mask_ratio_min_max", c.ssl.ibot.mask_ratio_min_max)
     if not 0 <= lo <= hi <= 1:
         _fail("ssl.ibot.mask_ratio_min_max", f"must be [min, max] within [0, 1], got {[lo, hi]}")
     if not 0 <= c.ssl.ibot.mask_sample_probability <= 1:
@@ -489,6 +532,12 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
         )
     if not 0 <= c.data.webdataset.max_skip_fraction <= 1:
         _fail("data.webdataset.max_skip_fraction", f"must be in [0, 1], got {c.data.webdataset.max_skip_fraction}")
+    if c.data.webdataset.max_unusable_in_a_row < 1:
+        _fail(
+            "data.webdataset.max_unusable_in_a_row",
+            f"must be >= 1 (unusable samples in a row before a loader worker stops), "
+            f"got {c.data.webdataset.max_unusable_in_a_row}",
+        )
     if c.data.batch_size_per_device < 1:
         _fail("data.batch_size_per_device", f"must be >= 1, got {c.data.batch_size_per_device}")
     if c.ssl.dino.koleo_loss_weight > 0 and c.data.batch_size_per_device < 2:
@@ -516,11 +565,149 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
         _fail("logger.wandb.id", f"W&B run ids cannot contain / \\ # ? % : or spaces, got {c.logger.wandb.id!r}")
     if c.trainer.precision not in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         _fail("trainer.precision", f"use null (auto), 32-true, bf16-mixed or 16-mixed; got {c.trainer.precision!r}")
+    _validate_lr_and_schedules(c)
+    _validate_skipped_steps(c)
+    _validate_synthetic_data(c)
+    _validate_run_on_cpu(c)
+    _validate_files(c)
+    _validate_resume_allow_changes(c)
+    validate_run_name(c.run_name)
     _validate_telemetry(c)
     _validate_online_probes(c)
     _validate_checkpoints(c)
     _validate_runtime(c)
     _validate_trainer(c)
+
+
+def _validate_ranges(c: DictConfig) -> None:
+    for key, test, requirement in RANGES:
+        value = OmegaConf.select(c, key)
+        if not test(value):
+            _fail(key, f"must be {requirement}, got {value!r}")
+
+
+def _is_probabilities(values: Any, count: int) -> bool:
+    return (
+        OmegaConf.is_list(values)
+        and len(values) == count
+        and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in values)
+    )
+
+
+def _min_max(key: str, pair: Any) -> tuple[float, float]:
+    if not OmegaConf.is_list(pair) or len(pair) != 2:
+        _fail(key, f"must be a pair [min, max], got {pair!r}")
+    return pair[0], pair[1]
+
+
+def _validate_lr_and_schedules(c: DictConfig) -> None:
+    from vitreg.ssl.schedules import scaled_lr
+
+    o, batch = c.optim, c.data.batch_size_per_device
+    # The world size is unknown here: the peak of one device is the lowest the run can have.
+    peak = scaled_lr(o.base_lr, batch, o.scaling_rule)
+    if o.min_lr > peak:
+        _fail(
+            "optim.min_lr",
+            f"{o.min_lr} is above the peak lr {peak:.3g} (optim.base_lr {o.base_lr} scaled by {o.scaling_rule} "
+            f"for one device's batch of {batch}; more devices raise it): the cosine would raise the lr after "
+            "the warmup instead of lowering it; lower optim.min_lr (DINOv2: 1e-6) or raise optim.base_lr",
+        )
+    if o.freeze_last_layer_epochs > o.epochs:
+        _fail(
+            "optim.freeze_last_layer_epochs",
+            f"{o.freeze_last_layer_epochs} exceeds optim.epochs {o.epochs}: the heads' last layer would never train",
+        )
+
+
+def _validate_skipped_steps(c: DictConfig) -> None:
+    limit = c.ssl.max_skipped_steps
+    is_fraction = 0 < limit < 1
+    is_count = math.isfinite(limit) and limit >= 1 and limit == int(limit)
+    if not (is_fraction or is_count):
+        _fail(
+            "ssl.max_skipped_steps",
+            f"must be a whole number of steps >= 1 or a fraction in (0, 1) of the steps tried, got {limit}",
+        )
+
+
+def _validate_synthetic_data(c: DictConfig) -> None:
+    if c.data.name != "synthetic":
+        return
+    from vitreg.data.synthetic import SHAPES
+
+    s = c.data.synthetic
+    if not 1 <= s.num_classes <= len(SHAPES):
+        _fail("data.synthetic.num_classes", f"must be in [1, {len(SHAPES)}] (one shape per class), got {s.num_classes}")
+    if s.image_size < 16:
+        _fail("data.synthetic.image_size", f"must be >= 16 px to draw recognisable shapes, got {s.image_size}")
+    if s.num_images < 1:
+        _fail("data.synthetic.num_images", f"must be >= 1, got {s.num_images}")
+
+
+GPU_ONLY_PRECISIONS = ("16-mixed",)
+
+
+def _validate_run_on_cpu(c: DictConfig) -> None:
+    t = c.trainer
+    if t.precision not in GPU_ONLY_PRECISIONS:
+        return
+    import torch
+
+    if t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available()):
+        where = "trainer.accelerator=cpu" if t.accelerator == "cpu" else "accelerator auto, no GPU visible"
+        _fail(
+            "trainer.precision",
+            f"{t.precision} needs a CUDA GPU and this run is on the CPU ({where}): Lightning would silently train "
+            f"in bf16-mixed while config.yaml says {t.precision}; use trainer.precision=32-true or bf16-mixed",
+        )
+
+
+def _validate_files(c: DictConfig) -> None:
+    weights = c.model.pretrained_weights
+    if weights and not os.path.isfile(weights):
+        _fail(
+            "model.pretrained_weights",
+            f"no file at {weights}; give an official DINOv2 backbone file (e.g. dinov2_vitl14_reg4_pretrain.pth) "
+            "or null to start from random weights",
+        )
+    if c.ckpt_path and not os.path.exists(c.ckpt_path):
+        _fail(
+            "ckpt_path",
+            f"no checkpoint at {c.ckpt_path}; give an existing checkpoint, or ckpt_path=null "
+            "(resume=auto continues from the run directory's newest checkpoint)",
+        )
+
+
+_ABSENT = object()
+
+
+def _validate_resume_allow_changes(c: DictConfig) -> None:
+    for entry in c.resume_allow_changes:
+        key = str(entry).strip()
+        try:
+            found = OmegaConf.select(c, key, default=_ABSENT, throw_on_resolution_failure=False) if key else _ABSENT
+        except OmegaConfBaseException:  # not even a well-formed key
+            found = _ABSENT
+        if found is _ABSENT:
+            _fail(
+                "resume_allow_changes",
+                f"{entry!r} is not a key of this config; list dotted keys such as data.webdataset.shards",
+            )
+
+
+def validate_run_name(run_name: str) -> None:
+    """Refuse a ``run_name`` whose run directory would not lie inside ``paths.output_root``.
+
+    Public so that the run-directory resolver can refuse it before Hydra creates the directory."""
+    name = str(run_name)
+    parts = PurePosixPath(name).parts
+    if not name.strip() or not parts or os.path.isabs(name) or ".." in parts:
+        _fail(
+            "run_name",
+            "must be a relative directory name inside paths.output_root (e.g. vitl-reg4 or sweeps/vitl-reg4): "
+            f"not empty or '.', no leading /, no '..'; got {run_name!r}",
+        )
 
 
 def _validate_runtime(c: DictConfig) -> None:
@@ -617,6 +804,9 @@ def _validate_trainer(c: DictConfig) -> None:
     t = c.trainer
     if not isinstance(t.num_nodes, int) or t.num_nodes < 1:
         _fail("trainer.num_nodes", f"must be an integer >= 1, got {t.num_nodes!r}")
+    d = t.devices
+    if isinstance(d, int) and not isinstance(d, bool) and d < 1 and d != -1:
+        _fail("trainer.devices", f"must be >= 1, -1 (every device), auto or a list of device ids, got {d}")
     if t.strategy in ("ddp", "fsdp") and c.ssl.on_nonfinite == "skip":
         _fail(
             "ssl.on_nonfinite",
@@ -646,6 +836,7 @@ __all__ = [
     "register_configs",
     "validate_analyze_config",
     "validate_config",
+    "validate_run_name",
 ]
 
 
