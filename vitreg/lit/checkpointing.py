@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -124,6 +125,26 @@ def checkpoint_callback(run_dir: Path, every_n_steps: int, keep_last_k: int) -> 
         save_top_k=keep_last_k,
         enable_version_counter=False,
     )
+
+
+class FinalCheckpoint(L.Callback):
+    """Saves ``last.ckpt`` when training ends at a step no checkpoint holds yet (``max_steps`` off the
+    ``checkpoint_every_n_steps`` grid), so the last steps of a finished run are never lost and a
+    re-run knows it is finished. Every save, whoever makes it, tells it the step it holds."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.saved_step: int | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = int(checkpoint["global_step"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.saved_step = trainer.global_step if trainer.ckpt_path else None  # resumed: that state is on disk
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0 and self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(str(self.path))
 
 
 # ------------------------------------------------------------------------------------ reading

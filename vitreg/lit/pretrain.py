@@ -15,6 +15,7 @@ from vitreg.config import validate_config
 from vitreg.lit.callbacks import DataHealth
 from vitreg.lit.checkpointing import (
     AtomicCheckpointIO,
+    FinalCheckpoint,
     checkpoint_callback,
     checkpoint_dir,
     checkpoint_metadata,
@@ -147,7 +148,8 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
 
     datamodule = SyntheticDataModule(cfg) if cfg.data.name == "synthetic" else WebDataModule(cfg)
     callbacks: list[L.Callback] = [
-        checkpoint_callback(run_dir, cfg.callbacks.checkpoint_every_n_steps, cfg.callbacks.keep_last_k)
+        checkpoint_callback(run_dir, cfg.callbacks.checkpoint_every_n_steps, cfg.callbacks.keep_last_k),
+        FinalCheckpoint(last_checkpoint_path(run_dir)),
     ]
     if cfg.data.name == "webdataset" or cfg.data.synthetic.as_shards:
         w = cfg.data.webdataset
