@@ -59,7 +59,7 @@ def main() -> None:
         size = path.stat().st_size
         del checkpoint
         start = time.perf_counter()
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
         load = time.perf_counter() - start
         assert loaded["global_step"] == 0
     print(f"config: {' '.join(overrides)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import tarfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import vitreg.data.webdataset as wdsmod
-from vitreg.data.webdataset import ShardStream, SkipCounter
+from vitreg.data.webdataset import ShardStream, SkipCounter, UnusableDataError
 
 
 def jpeg_bytes(value: int, size: int = 32) -> bytes:
@@ -140,6 +141,85 @@ def test_no_readable_shard_is_a_clear_error(tmp_path):
     stream = ShardStream([str(tmp_path / "nope-0.tar"), str(tmp_path / "nope-1.tar")], resampled=True)
     with pytest.raises(RuntimeError, match=r"no readable sample in \d+ shard reads in a row"):
         labels_of(stream, limit=1)
+
+
+@pytest.fixture
+def hang_guard(monkeypatch):
+    """Fail (instead of hanging forever) when a stream reads more than 20,000 raw samples without
+    stopping; loader workers are forked, so they inherit the guard."""
+    real = wdsmod.iter_tar_samples
+    read = [0]
+
+    def guarded(url, skips):
+        for sample in real(url, skips):
+            read[0] += 1
+            if read[0] > 20_000:
+                raise AssertionError("the stream read 20,000 samples without a usable one and did not stop: a hang")
+            yield sample
+
+    monkeypatch.setattr(wdsmod, "iter_tar_samples", guarded)
+    return read
+
+
+def unusable_shard(path, kind: str, n: int = 50) -> str:
+    members = []
+    for i in range(n):
+        if kind == "too_small":  # CIFAR-size images against 98 px local crops
+            members.append((f"{i:04d}.jpg", jpeg_bytes(i, size=32)))
+        elif kind == "corrupt":
+            members.append((f"{i:04d}.jpg", b"this is not an image"))
+        else:  # no image member at all
+            members.append((f"{i:04d}.txt", b"a caption without its image"))
+        members.append((f"{i:04d}.cls", b"1"))
+    return write_tar(path, members)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "fix"),
+    [
+        ("too_small", "too_small", r"augment\.local_crops_size"),
+        ("corrupt", "not_an_image", r"data\.webdataset\.shards"),
+        ("missing", "no_image", r"data\.webdataset\.shards"),
+    ],
+)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_with_no_usable_sample_stops_with_the_reasons(tmp_path, hang_guard, kind, reason, fix, workers):
+    """Issue 12 §3: no usable sample used to mean no batch, ever (DataHealth only runs at batch end)."""
+    urls = [unusable_shard(tmp_path / f"bad-{s}.tar", kind) for s in range(3)]
+    stream = ShardStream(urls, seed=0, shuffle_buffer=16, min_side=98, max_unusable_in_a_row=200)
+    loader = DataLoader(stream, batch_size=4, num_workers=workers)
+    with pytest.raises(UnusableDataError) as caught:
+        next(iter(loader))
+    message = caught.value.reason()
+    assert message.startswith("the data stream of rank 0, loader worker 0 found no usable sample in the last 200")
+    assert f"{reason} 200" in message and re.search(fix, message)
+    assert "data.webdataset.max_skip_fraction" in message and "data.webdataset.max_unusable_in_a_row" in message
+    if workers == 0:
+        assert hang_guard[0] <= 200 + 16  # stopped at the bound (plus the shuffle buffer), not later
+
+
+def test_nothing_usable_stops_even_when_every_fraction_is_accepted(tmp_path, hang_guard):
+    urls = [unusable_shard(tmp_path / "bad.tar", "too_small")]
+    stream = ShardStream(urls, min_side=98, shuffle_buffer=4, max_unusable_in_a_row=100, max_skip_fraction=1.0)
+    with pytest.raises(UnusableDataError, match=r"too_small 100"):
+        labels_of(stream, limit=1)
+
+
+def test_a_bad_patch_in_a_healthy_stream_is_survived_until_the_fraction_bound(tmp_path, hang_guard):
+    """The in-a-row bound alone would kill a long run at its first fully damaged shard: it only stops a
+    stream whose unusable fraction is also above max_skip_fraction."""
+    good = [(f"g{i:03d}.jpg", jpeg_bytes(i)) for i in range(80)]
+    bad = [(f"z{i:03d}.jpg", b"not an image") for i in range(30)]
+    patchy = write_tar(tmp_path / "patchy.tar", good + bad)  # 30 bad in a row after 80 good: 27 %
+    kept = labels_of(
+        ShardStream([patchy], resampled=False, shuffle_buffer=1, max_unusable_in_a_row=10, max_skip_fraction=0.3)
+    )
+    assert len(kept) == 80
+    stream = ShardStream([patchy], resampled=False, shuffle_buffer=1, max_unusable_in_a_row=10, max_skip_fraction=0.2)
+    with pytest.raises(UnusableDataError, match=r"not_an_image 21; 21 of the 101 samples"):
+        labels_of(stream)  # 10 in a row at 10 of 90 (11 %) goes on; it stops past 20 %: 21 of 101
+    with pytest.raises(ValueError, match=r"max_unusable_in_a_row must be >= 1"):
+        ShardStream([patchy], max_unusable_in_a_row=0)
 
 
 def test_empty_shard_list_is_rejected():

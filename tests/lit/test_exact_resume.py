@@ -53,7 +53,7 @@ def straight_and_resumed(overrides: list[str], tmp_path, n: int) -> tuple[dict, 
     second = run(resumed_cfg, 2 * n).steps  # finds resumed/checkpoints/last.ckpt by itself
     weights = {}
     for name in ("straight", "resumed"):
-        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == 2 * n
         weights[name] = ckpt["state_dict"]
     return straight, {**first, **second}, weights["straight"], weights["resumed"]
@@ -128,7 +128,7 @@ def test_the_wandb_run_id_travels_in_the_checkpoint(tmp_path, monkeypatch):
     cfg = compose_config(base, run_dir=tmp_path / "run")
     run(cfg, 2)
     run_id = (tmp_path / "run" / "wandb_id.txt").read_text()
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["callbacks"]["ExactResume"]["wandb_id"] == run_id
     (tmp_path / "run" / "wandb_id.txt").unlink()  # e.g. a checkpoint copied into a fresh run dir
     run(cfg, 3)

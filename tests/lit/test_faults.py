@@ -108,12 +108,12 @@ def test_kill_9_mid_training_then_restart_continues_from_the_last_checkpoint(tmp
     finally:
         if proc.poll() is None:
             proc.kill()
-    killed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    killed_at = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert 2 <= killed_at < 40
     restarted = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "resuming from" in restarted.stderr + restarted.stdout
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 40
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 40
     # the restart measured telemetry from the checkpoint's step on, not from 0 again
     from vitreg.telemetry.store import read_records
 

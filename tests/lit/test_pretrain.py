@@ -31,7 +31,7 @@ def test_run_writes_checkpoint_config_metrics_and_resumes(tmp_path):
     assert 0.0 <= summary["knn"]["before"]["top1_k20"] <= 100.0 and 0.0 <= summary["knn"]["after"]["top1_k20"] <= 100.0
     run = tmp_path / "run"
     assert (run / "config.yaml").read_text().count("num_register_tokens: 4") == 1
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4
     assert any(k.startswith("objective.teacher.backbone.register_tokens") for k in ckpt["state_dict"])
     assert "objective.dino_center.center" in ckpt["state_dict"]
@@ -40,7 +40,7 @@ def test_run_writes_checkpoint_config_metrics_and_resumes(tmp_path):
     assert {"train/loss", "lr", "val/knn_top1_k10", "val/knn_top1_k20"} <= set(rows[0])
 
     # the checkpoint carries its config: loading needs nothing else
-    module = DINOv2Module.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False)
+    module = DINOv2Module.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert module.cfg.model.num_register_tokens == 4 and module.teacher.backbone.num_register_tokens == 4
     torch.testing.assert_close(
         module.teacher.backbone.register_tokens, ckpt["state_dict"]["objective.teacher.backbone.register_tokens"]
@@ -50,7 +50,7 @@ def test_run_writes_checkpoint_config_metrics_and_resumes(tmp_path):
         cfg.trainer.max_steps = 6
     resumed = pretrain(cfg)  # finds run/checkpoints/last.ckpt by itself
     assert resumed["steps"] == 6
-    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert after["global_step"] == 6
     # the CSV history survives the restart: every step's loss once, before and after the resume
     with open(run / "logs" / "metrics.csv") as f:

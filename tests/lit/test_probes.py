@@ -410,7 +410,7 @@ def test_pretrain_with_both_probes_logs_them_and_resumes_them_exactly(tmp_path):
 
     states = {}
     for name in ("straight", "resumed"):
-        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         states[name] = ckpt["callbacks"]
     linear = states["straight"]["OnlineLinearProbe"]
     assert linear["updates"] == 4

@@ -66,7 +66,7 @@ def tiny(tmp_path, *extra: str):
 
 
 def saved_step(cfg) -> int:
-    ckpt = torch.load(f"{cfg.paths.run_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(f"{cfg.paths.run_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     return ckpt["global_step"]
 
 
@@ -132,3 +132,13 @@ def test_runtime_signals_empty_leaves_signals_alone(tmp_path):
     before = signal.getsignal(signal.SIGUSR1)
     assert pretrain(cfg, extra_callbacks=[Probe()])["steps"] == 2
     assert seen and all(h == before for h in seen)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_ckpt_and_stops_without_requeue(tmp_path, monkeypatch, scontrol_calls):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    cfg = tiny(tmp_path)
+    summary = pretrain(cfg, extra_callbacks=[SendSignal(signal.SIGINT)])  # no KeyboardInterrupt escapes
+    assert summary["steps"] in (SIGNAL_AT, SIGNAL_AT + 1) and saved_step(cfg) == summary["steps"]
+    assert scontrol_calls == []  # the user stopped it: not requeued
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -23,7 +23,7 @@ def test_export_writes_the_teacher_in_the_official_layout(tmp_path):
     exported = run / "export" / "last_teacher_hub.pth"
     state = torch.load(exported, weights_only=True)
     assert "register_tokens" in state and not any(k.startswith(("dino_head", "student", "objective")) for k in state)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     teacher = {k.removeprefix("objective.teacher.backbone."): v for k, v in ckpt["state_dict"].items()
                if k.startswith("objective.teacher.backbone.")}  # fmt: skip
     assert set(state) == set(teacher)

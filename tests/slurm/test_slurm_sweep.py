@@ -97,7 +97,7 @@ def metric_steps(metrics_csv: Path) -> list[int]:
 
 
 def global_step(ckpt: Path) -> int:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from tests.conftest import TINY, compose_config
 from vitreg.data.synthetic import SyntheticShapes
 from vitreg.lit.data import multicrop_collator, multicrop_transform
 from vitreg.lit.module import build_objective
+from vitreg.lit.strategies import ddp_find_unused_parameters
 
 
 def make_batch(cfg, n: int = 4) -> dict:
@@ -24,6 +25,7 @@ def make_batch(cfg, n: int = 4) -> dict:
         ["ssl.centering=sinkhorn_knopp"],
         ["ssl.ibot.separate_head=true"],
         ["ssl.ibot.loss_weight=0"],
+        ["ssl.ibot.loss_weight=0", "ssl.ibot.mask_when_off=false"],
         ["augment.local_crops_number=0"],
         ["registers=0"],
     ],
@@ -38,7 +40,8 @@ def test_losses_are_finite_and_only_the_student_learns(extra):
     torch.testing.assert_close(terms["loss"], sum(terms[k] for k in objective.loss_term_names()))
     terms["loss"].backward()
     assert all(p.grad is None for p in objective.teacher.parameters())
-    unused = ("last_layer",) + (() if objective.do_ibot else ("mask_token",))  # no masks without iBOT
+    masked = objective.do_ibot or cfg.ssl.ibot.mask_when_off  # DINOv2 masks even without iBOT
+    unused = ("last_layer",) + (() if masked else ("mask_token",))
     grads = [p.grad for n, p in objective.student.named_parameters() if not any(u in n for u in unused)]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert ("ibot_loss" in terms) == (cfg.ssl.ibot.loss_weight > 0)
@@ -88,7 +91,15 @@ def test_centering_moves_after_each_step_and_registers_never_enter_a_loss():
     batch = make_batch(cfg)
     assert torch.count_nonzero(objective.dino_center.center) == 0
     objective(batch, teacher_temp=0.04)
+    # the forward only stages the update: the module commits it once the step is accepted
+    assert torch.count_nonzero(objective.dino_center.center) == 0
+    objective.commit_centers()
     assert torch.count_nonzero(objective.dino_center.center) > 0
+    assert torch.count_nonzero(objective.ibot_center.center) > 0
+    before = objective.dino_center.center.clone()
+    objective(batch, teacher_temp=0.04)
+    objective.discard_centers()  # a skipped step
+    assert torch.equal(objective.dino_center.center, before)
     # registers act only through attention: the outputs at register positions never reach the heads
     reg_grads = []
 
@@ -102,3 +113,50 @@ def test_centering_moves_after_each_step_and_registers_never_enter_a_loss():
     n_global, tokens = batch["global_crops"].shape[0], 1 + 4 + (28 // 14) ** 2
     per_image = g[: n_global * tokens].view(n_global, tokens, -1)
     assert torch.count_nonzero(per_image[:, 1:5]) == 0 and torch.count_nonzero(per_image[:, 0]) > 0
+
+
+def spy_student_masks(objective) -> list:
+    """Records the masks the student backbone receives."""
+    seen = []
+    original = objective.student.backbone.forward_features
+
+    def wrapped(x, masks=None):
+        seen.append(masks)
+        return original(x, masks)
+
+    objective.student.backbone.forward_features = wrapped
+    return seen
+
+
+# 56-px global crops: a 4x4 patch grid, big enough for BEiT block masks (a 2x2 grid gets none)
+IBOT_OFF = [*TINY, "ssl.ibot.loss_weight=0", "augment.global_crops_size=56", "model.drop_path_rate=0"]
+
+
+def test_ibot_off_still_masks_the_student_global_crops_by_default():
+    """DINOv2's ssl_meta_arch passes masks=[masks, None] to the student whatever do_ibot says, so
+    mask_token keeps learning through DINO and KoLeo."""
+    cfg = compose_config(IBOT_OFF)
+    assert cfg.ssl.ibot.mask_when_off
+    objective = build_objective(cfg).train()
+    batch = make_batch(cfg)
+    assert batch["masks"].any()
+    seen = spy_student_masks(objective)
+    terms = objective(batch, teacher_temp=0.04)
+    assert seen[0][0] is batch["masks"] and seen[0][1] is None
+    assert "ibot_loss" not in terms and "ibot_head" not in objective.student
+    terms["loss"].backward()
+    assert torch.count_nonzero(objective.student.backbone.mask_token.grad) > 0
+    no_grad = {n for n, p in objective.student.named_parameters() if p.grad is None}
+    assert not no_grad and not ddp_find_unused_parameters(cfg)
+
+
+def test_ibot_off_without_masks_when_switched_off():
+    cfg = compose_config([*IBOT_OFF, "ssl.ibot.mask_when_off=false"])
+    objective = build_objective(cfg).train()
+    batch = make_batch(cfg)
+    seen = spy_student_masks(objective)
+    objective(batch, teacher_temp=0.04)["loss"].backward()
+    assert seen[0] == [None, None]
+    assert objective.student.backbone.mask_token.grad is None
+    no_grad = {n for n, p in objective.student.named_parameters() if p.grad is None}
+    assert no_grad == {"backbone.mask_token"} and ddp_find_unused_parameters(cfg)

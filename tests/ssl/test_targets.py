@@ -103,3 +103,26 @@ def test_centering_with_no_rows_keeps_the_centre():
     assert torch.equal(c.center, torch.full((1, 4), 0.5))
     c.update(torch.ones(3, 4))
     torch.testing.assert_close(c.center, torch.full((1, 4), 0.9 * 0.5 + 0.1))
+
+
+def test_a_staged_centre_update_waits_for_commit_and_can_be_discarded():
+    """The module commits the centre only once a step is accepted; a skipped step discards it."""
+    a, b = logits(4, 6, 1), logits(5, 6, 2)
+    reference = Centering(6, momentum=0.8)
+    reference.update(a)
+    reference.update(b)
+
+    c = Centering(6, momentum=0.8)
+    c.stage_update(a)
+    assert torch.count_nonzero(c.center) == 0  # nothing moves before the commit
+    torch.testing.assert_close(c.next_center, 0.2 * a.mean(0, keepdim=True))
+    c.commit()
+    c.stage_update(torch.full((3, 6), float("nan")))  # a poisoned batch...
+    c.discard()  # ... whose step is skipped
+    assert torch.isfinite(c.center).all() and torch.equal(c.next_center, c.center)
+    c.stage_update(b)
+    c.commit()
+    assert torch.equal(c.center, reference.center)  # bitwise: update() is stage + commit
+    c.commit()  # nothing pending: no change
+    assert torch.equal(c.center, reference.center)
+    assert list(c.state_dict()) == ["center"]  # a pending update is never checkpointed
