@@ -106,3 +106,13 @@ def test_run_id_and_signals_are_validated():
     ok = cfg.copy()
     OmegaConf.update(ok, "runtime.signals", ["USR2", "SIGTERM"])
     validate_config(ok)
+
+
+def test_a_run_name_escaping_output_root_is_refused_before_hydra_creates_it():
+    from vitreg.config import ConfigError
+    from vitreg.runtime.run_dir import _run_dir_resolver, _sweep_dir_resolver
+
+    with pytest.raises(ConfigError, match="run_name"):
+        _run_dir_resolver("outputs", "../elsewhere", None, "")
+    with pytest.raises(ConfigError, match="run_name"):
+        _sweep_dir_resolver("outputs", "/abs", None)

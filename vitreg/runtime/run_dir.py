@@ -26,6 +26,8 @@ import os
 import re
 from collections.abc import Mapping
 
+from vitreg.config import validate_run_name
+
 # Overrides that stay readable when an override_dirname has to be shortened.
 HEADLINE_KEYS = ("registers", "model")
 # A path component longer than this is shortened (filesystems allow 255 bytes; leave room for suffixes).
@@ -95,6 +97,7 @@ def _validate_run_id(run_id: str | None) -> str | None:
 
 
 def _run_dir_resolver(output_root: str, run_name: str, run_id: str | None, override_dirname: str | None) -> str:
+    validate_run_name(run_name)  # before Hydra creates the directory, outside output_root if it escapes
     return resolve_run_dir(
         os.environ,
         output_root=str(output_root),
@@ -105,6 +108,7 @@ def _run_dir_resolver(output_root: str, run_name: str, run_id: str | None, overr
 
 
 def _sweep_dir_resolver(output_root: str, run_name: str, run_id: str | None) -> str:
+    validate_run_name(run_name)
     return resolve_run_dir(
         os.environ, output_root=str(output_root), run_name=str(run_name), run_id=_validate_run_id(run_id), multirun=True
     )
