@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import random
 import re
+import stat
 import sys
 import time
 import warnings
@@ -487,3 +488,40 @@ def list_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     if not paths:
         raise FileNotFoundError(f"no .tar shards in {spec}")
     return paths
+
+
+_REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
+
+
+def local_shard_path(url: str) -> str | None:
+    """The file a shard URL names on this machine, or None for what only opening can check (``pipe:``
+    commands, ``http://``, ``s3://``, ``-`` for stdin, ...). ``file:`` URLs give their path."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    if url.startswith("file:"):
+        return url[len("file:") :]
+    return None if url == "-" or _REMOTE.match(url) else url
+
+
+def missing_shards(urls: Sequence[str], threads: int = 16) -> list[str]:
+    """The local shards of ``urls`` that are not files (missing, or a folder), in order, each once.
+
+    One ``stat`` per distinct local path (in threads for long lists on network file systems); remote
+    URLs are not checked."""
+    paths = {url: local_shard_path(url) for url in dict.fromkeys(urls)}
+    local = [url for url, path in paths.items() if path is not None]
+
+    def absent(url: str) -> bool:
+        try:
+            return not stat.S_ISREG(os.stat(paths[url]).st_mode)
+        except OSError:
+            return True
+
+    if len(local) > 256:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            flags = list(pool.map(absent, local))
+    else:
+        flags = [absent(url) for url in local]
+    return [url for url, gone in zip(local, flags, strict=True) if gone]

@@ -3,6 +3,8 @@ real multi-crop + collate path."""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 
 import lightning as L
@@ -11,12 +13,15 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from vitreg.config import ConfigError
 from vitreg.data.collate import MultiCropCollator
-from vitreg.data.shards import list_shards
+from vitreg.data.shards import list_shards, missing_shards
 from vitreg.data.synthetic import SyntheticShapes
 from vitreg.data.synthetic_shards import ensure_synthetic_shards
 from vitreg.data.transforms import MultiCropTransform, normalize, resize
 from vitreg.data.webdataset import SKIPS, ShardStream
+
+log = logging.getLogger(__name__)
 
 
 class EvalTransform:
@@ -146,6 +151,56 @@ def shard_urls(shards) -> list[str]:
     return [url for item in items for url in list_shards(item)]
 
 
+def training_shards(cfg: DictConfig) -> list[str]:
+    """``data.webdataset.shards`` expanded and checked, at start (before any model is built).
+
+    Local shards that do not exist (a wrong path, half of a brace range not copied yet) are found here
+    rather than as skips deep in the stream: none exists -> ``ConfigError``; some missing ->
+    ``data.webdataset.missing_shards``: ``error`` refuses, ``warn`` logs the count loudly and streams
+    the shards that exist; null means error on multi-node runs (``trainer.num_nodes > 1``, where a
+    node with a partial copy would train on other data than the rest) and warn otherwise. Remote URLs
+    (``pipe:``, ``http://``, ``s3://``, ...) are not checked here; the stream skips and counts them.
+    """
+    spec = cfg.data.webdataset.shards
+    try:
+        urls = shard_urls(spec)
+    except FileNotFoundError as err:  # a folder or glob that matches nothing
+        raise ConfigError(
+            f"data.webdataset.shards: {err}; point it at a folder of .tar shards, a glob or a brace pattern "
+            "(make shards with scripts/make_shards.py)"
+        ) from None
+    missing = missing_shards(urls)
+    if not missing:
+        return urls
+    gone = set(missing)
+    examples = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    if len(gone) == len(set(urls)):
+        raise ConfigError(
+            f"data.webdataset.shards: none of the {len(urls)} shards of {spec} exists (e.g. {examples}); "
+            "check the path or pattern (make shards with scripts/make_shards.py)"
+        )
+    present = [url for url in urls if url not in gone]
+    policy = cfg.data.webdataset.missing_shards
+    key = f"data.webdataset.missing_shards={policy}"
+    if policy is None:
+        policy = "error" if cfg.trainer.num_nodes > 1 else "warn"
+        key = f"data.webdataset.missing_shards (null: {policy} with trainer.num_nodes={cfg.trainer.num_nodes})"
+    what = f"{len(missing)} of the {len(urls)} shards of data.webdataset.shards ({spec}) do not exist: {examples}"
+    if policy == "error":
+        raise ConfigError(
+            f"{key}: {what}. Copy the missing shards, fix the pattern, or set "
+            f"data.webdataset.missing_shards=warn to train on the {len(present)} that exist"
+        )
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:  # once per node
+        log.warning(
+            "MISSING SHARDS: %s. Training streams the %d that exist; data.webdataset.missing_shards=error "
+            "refuses to start instead.",
+            what,
+            len(present),
+        )
+    return present
+
+
 def stream_loader(cfg: DictConfig, shards: list[str], resume: dict | None = None) -> DataLoader:
     """A DataLoader streaming ``shards`` through decode, multi-crop and collate (with skip counts).
 
@@ -163,6 +218,8 @@ def stream_loader(cfg: DictConfig, shards: list[str], resume: dict | None = None
         with_position=True,
         worker_offset=(resume or {}).get("worker_offset", 0),
         start_positions=(resume or {}).get("start_positions"),
+        max_unusable_in_a_row=wds_cfg.max_unusable_in_a_row,
+        max_skip_fraction=wds_cfg.max_skip_fraction,
     )
     return DataLoader(
         stream,
@@ -176,12 +233,16 @@ def stream_loader(cfg: DictConfig, shards: list[str], resume: dict | None = None
 
 
 class WebDataModule(L.LightningDataModule):
-    """Training batches streamed from WebDataset shards through the multi-crop + collate path."""
+    """Training batches streamed from WebDataset shards through the multi-crop + collate path.
+
+    The shards are expanded and checked when the module is made (``training_shards``), so a missing
+    shard stops or warns at start, before the model is built."""
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.shards = training_shards(cfg)
         self.stream_resume: dict | None = None  # set by ExactResume when resuming
 
     def train_dataloader(self) -> DataLoader:
-        return stream_loader(self.cfg, shard_urls(self.cfg.data.webdataset.shards), self.stream_resume)
+        return stream_loader(self.cfg, self.shards, self.stream_resume)
