@@ -89,3 +89,17 @@ def test_preemption_before_the_first_checkpoint_never_leaves_last_ckpt_stale(tmp
     # step 9 is off the every-4 grid: the end of training saves it, so nothing of the run is lost
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
     assert resumed["checkpoint"] == str(newest_good_checkpoint(run / "checkpoints"))
+
+
+def test_a_sharded_directory_is_replaced_whole(tmp_path):
+    from vitreg.lit.strategies import replace_directory
+
+    final, staging = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.abcd.tmp"
+    for folder, tag in ((final, b"old"), (staging, b"new")):
+        folder.mkdir()
+        (folder / "__0_0.distcp").write_bytes(tag)
+    (final / "__1_0.distcp").write_bytes(b"old")  # a shard the new checkpoint does not have
+    replace_directory(staging, final, "abcd")
+    assert sorted(p.name for p in final.iterdir()) == ["__0_0.distcp"]
+    assert (final / "__0_0.distcp").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

@@ -45,3 +45,10 @@ def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path):
     assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
     assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_a_sharded_checkpoints_staging_directory_is_removed(tmp_path):
+    staging = tmp_path / ".last.ckpt.0a1b2c3d.tmp"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "__0_0.distcp").write_bytes(b"x" * 10)
+    assert remove_stale_temp_files(tmp_path) == [staging] and not staging.exists()

@@ -20,6 +20,8 @@ FSDP2 layout (``shard_objective``), as DINOv2 wraps its modules with FSDP:
 from __future__ import annotations
 
 import logging
+import secrets
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from omegaconf import DictConfig
 from torch import nn
 
-from vitreg.utils.io import load_weights_only
+from vitreg.utils.io import fsync_directory, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,22 @@ def sharded_checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
+def replace_directory(staging: Path, final: Path, token: str) -> None:
+    """Put the complete directory ``staging`` at ``final``, replacing what is there. The old one is first
+    renamed aside (a hidden temporary name that ``remove_stale_temp_files`` clears), so ``final`` is
+    never a half-written mixture; only a kill between the two renames leaves no ``final``, and then
+    the run's step checkpoints are the fallback."""
+    aside = final.with_name(f".{final.name}.{token}old.tmp")
+    if final.is_dir():
+        final.rename(aside)
+    elif final.exists():
+        final.unlink()
+    staging.rename(final)
+    fsync_directory(final.parent)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
 def _warn_world_size_change(saved: int | None, current: int, path: Any) -> None:
     if saved is not None and saved != current:
         log.warning(
@@ -162,8 +180,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Every rank writes its shards into a hidden staging directory beside the target; once all are
+        done, rank 0 swaps it in. A kill mid-write leaves the previous checkpoint whole (DCP writing into
+        the old directory would mix old and new shards under the old ``.metadata``)."""
         checkpoint[_WORLD_SIZE_KEY] = {"strategy": "fsdp", "world_size": self.world_size}
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        final = Path(self.broadcast(str(filepath)))
+        token = self.broadcast(secrets.token_hex(4))
+        staging = final.with_name(f".{final.name}.{token}.tmp")
+        super().save_checkpoint(checkpoint, staging, storage_options=storage_options)
+        self.barrier("vitreg_sharded_checkpoint_written")
+        if self.global_rank == 0:
+            replace_directory(staging, final, token)
+        self.barrier("vitreg_sharded_checkpoint_renamed")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         # ``weights_only`` is ignored on purpose: checkpoints are untrusted input, never unpickled as code.

@@ -29,6 +29,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vitreg.utils.io import current_umask
+
 log = logging.getLogger(__name__)
 
 ID_FILE = "wandb_id.txt"
@@ -125,6 +127,7 @@ def _write_atomic(path: Path, text: str, overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # readable like any file, not mkstemp's 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
         if overwrite:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -69,23 +70,34 @@ def atomic_open(path: str | PathLike) -> Iterator[IO[bytes]]:
 
 
 def remove_stale_temp_files(folder: str | PathLike, older_than_s: float = 0.0) -> list[Path]:
-    """Delete the temporary files that a killed ``atomic_open`` left in ``folder`` (a ``kill -9``
-    mid-write leaves ``.<name>.<random>.tmp`` behind: gigabytes for a ViT-L checkpoint). Only call it
-    where no writer is active (a run's own checkpoint folder at start). Returns what was removed."""
+    """Delete the temporary files (and sharded-checkpoint staging directories) that a killed write left
+    in ``folder``: a ``kill -9`` mid-write leaves ``.<name>.<random>.tmp`` behind, gigabytes for a ViT-L
+    checkpoint. Only call it where no writer is active (a run's own checkpoint folder at start).
+    Returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     now, removed = time.time(), []
     for path in folder.iterdir():
-        if not (TEMP_FILE.match(path.name) and path.is_file()):
+        if not TEMP_FILE.match(path.name):
             continue
         with contextlib.suppress(FileNotFoundError):
-            if now - path.stat().st_mtime >= older_than_s:
-                size = path.stat().st_size
+            if now - path.stat().st_mtime < older_than_s:
+                continue
+            size = _size(path)
+            if path.is_dir():  # a sharded (FSDP2) checkpoint's staging directory
+                shutil.rmtree(path)
+            else:
                 path.unlink()
-                removed.append(path)
-                log.warning("removed %s (%.1f MB), left by an interrupted write", path, size / 2**20)
+            removed.append(path)
+            log.warning("removed %s (%.1f MB), left by an interrupted write", path, size / 2**20)
     return removed
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def atomic_torch_save(obj: Any, path: str | PathLike) -> Path:
