@@ -3,7 +3,9 @@ size: what `--signal=USR1@<seconds>` must leave room for before a SLURM time lim
 
 Builds the real ``DINOv2Module`` of a config (default: DINOv2's ViT-L/14 reg4 recipe), gives every
 parameter an AdamW state (one optimizer step on zero gradients), then writes the checkpoint
-through ``AtomicCheckpointIO`` (temporary file, fsync, rename) and loads it back, in this process.
+through ``AtomicCheckpointIO`` (checksum, temporary file, fsync, rename) and loads it back, in this
+process. Also times the two costs of the payload checksum: computing it (part of every write) and
+verifying it, as resume does (``newest_good_checkpoint``: step metadata, then every tensor read once).
 
     python scripts/bench_checkpoint.py                                   # experiment=dinov2_vitl14_reg4
     python scripts/bench_checkpoint.py --dir /scratch/$USER -- model=vitg registers=4
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir
 
 from vitreg.config import register_configs
-from vitreg.lit.checkpointing import AtomicCheckpointIO
+from vitreg.lit.checkpointing import AtomicCheckpointIO, newest_good_checkpoint, payload_checksum
 from vitreg.lit.module import DINOv2Module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -51,6 +53,9 @@ def main() -> None:
         "hyper_parameters": dict(module.hparams),
     }
     n_params = sum(p.numel() for p in module.parameters())
+    start = time.perf_counter()
+    payload_checksum(checkpoint)
+    checksum = time.perf_counter() - start
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "last.ckpt"
         start = time.perf_counter()
@@ -62,10 +67,16 @@ def main() -> None:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         load = time.perf_counter() - start
         assert loaded["global_step"] == 0
+        del loaded
+        start = time.perf_counter()
+        assert newest_good_checkpoint(Path(tmp)) == path
+        verify = time.perf_counter() - start
     print(f"config: {' '.join(overrides)}")
     print(f"parameters (student + teacher + heads): {n_params / 1e6:.1f}M; checkpoint {size / 2**30:.2f} GiB")
-    print(f"write (atomic: temp file + fsync + rename): {write:.1f} s ({size / 2**20 / write:.0f} MiB/s)")
+    print(f"write (checksum + temp file + fsync + rename): {write:.1f} s ({size / 2**20 / write:.0f} MiB/s)")
+    print(f"  of which the payload checksum (crc32): {checksum:.1f} s ({checksum / write:.0%} of the write)")
     print(f"load: {load:.1f} s ({size / 2**20 / load:.0f} MiB/s)")
+    print(f"resume's choice and checksum verification: {verify:.1f} s ({verify / load:.2f}x the load)")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_shards_that_do_not_exist_stop_the_run_at_start(tmp_path, no_model, spec
     cfg = web_cfg(tmp_path, tmp_path / spec)
     with pytest.raises(ConfigError, match=r"^data\.webdataset\.shards: (none of the 4 shards|no \.tar shards in)"):
         pretrain(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
 
 
 def test_some_missing_shards_warn_with_the_count_and_stream_the_rest(tmp_path, caplog):

@@ -145,11 +145,12 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     resume_step = accept_resume(cfg, resume) if resume else None
     if resume_step is not None and resume_step >= max_steps:
         return finished_summary(cfg, run_dir, resume, resume_step, max_steps)
+    # checks the shards: a missing one refuses (or warns) before anything is written or built
+    datamodule = SyntheticDataModule(cfg) if cfg.data.name == "synthetic" else WebDataModule(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = SyntheticDataModule(cfg) if cfg.data.name == "synthetic" else WebDataModule(cfg)
     callbacks: list[L.Callback] = [
         checkpoint_callback(run_dir, cfg.callbacks.checkpoint_every_n_steps, cfg.callbacks.keep_last_k),
         FinalCheckpoint(last_checkpoint_path(run_dir)),
