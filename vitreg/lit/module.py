@@ -28,6 +28,14 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the step and the term."""
 
 
+def skips_allowed(max_skipped_steps: float, steps_tried: int) -> int:
+    """How many skipped steps ``ssl.max_skipped_steps`` allows: >= 1 is a count; in (0, 1) a fraction
+    of the steps tried so far, and never less than one skip."""
+    if max_skipped_steps >= 1:
+        return int(max_skipped_steps)
+    return max(1, int(max_skipped_steps * steps_tried))
+
+
 def backbone_config(model_cfg: DictConfig, img_size: int) -> ViTConfig:
     """The student's ``ViTConfig`` from the ``model`` group. The positional table is stored at the
     global-crop size, as DINOv2 does, so global crops need no interpolation."""
@@ -53,6 +61,7 @@ def build_objective(cfg: DictConfig) -> DINOv2Objective:
         koleo_loss_weight=dino.koleo_loss_weight,
         ibot_loss_weight=ibot.loss_weight,
         centering=cfg.ssl.centering,
+        mask_when_ibot_off=ibot.get("mask_when_off", True),
         student_temp=cfg.ssl.student_temp,
         center_momentum=cfg.ssl.center_momentum,
         sinkhorn_iterations=cfg.ssl.sinkhorn_iterations,
@@ -87,7 +96,8 @@ class DINOv2Module(L.LightningModule):
             epoch_length=optim.official_epoch_length,
         )
         self.on_nonfinite = cfg.ssl.on_nonfinite
-        self.skipped_steps = 0
+        self.max_skipped_steps = cfg.ssl.get("max_skipped_steps", 10)
+        self.skipped_steps = 0  # over the whole run: kept in checkpoints
 
     @property
     def student(self) -> torch.nn.ModuleDict:
@@ -145,17 +155,12 @@ class DINOv2Module(L.LightningModule):
         terms = self.objective(batch, teacher_temp=self.schedules.teacher_temp(step))
         loss = terms["loss"]
         if not self._all_finite(terms):
-            bad = [k for k in [*self.objective.loss_term_names(), "loss"] if not torch.isfinite(terms[k]).all()]
-            message = (
-                f"non-finite loss at step {step}: {', '.join(bad) or 'on another rank'} "
-                f"({', '.join(f'{k}={terms[k].item():.4g}' for k in self.objective.loss_term_names())})"
-            )
-            if self.on_nonfinite == "raise":
-                raise NonFiniteLossError(message + "; set ssl.on_nonfinite=skip to skip such steps instead")
-            self.skipped_steps += 1
-            log.warning("%s: step skipped (%d so far)", message, self.skipped_steps)
-            self.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=True)
-            return None  # no optimiser update, so no EMA either
+            self.objective.discard_centers()
+            self._skip_step(step, terms)
+            # Lightning then zeroes the gradients (to None), runs no backward, and AdamW skips every
+            # parameter without a gradient: no moment or step counter moves; no EMA (_stepped is False)
+            return None
+        self.objective.commit_centers()
         bs = batch["global_crops"].shape[0] // 2
         metrics = {f"train/{k}": v.detach() for k, v in terms.items()}
         metrics.update(
@@ -174,10 +179,41 @@ class DINOv2Module(L.LightningModule):
         return {"loss": loss, "teacher_cls": self.objective.teacher_cls}
 
     def _all_finite(self, terms: dict) -> bool:
-        finite = torch.tensor(float(all(torch.isfinite(terms[k]).all() for k in terms)), device=self.device)
+        # one host sync for all the terms, as the skip decision must be known here
+        finite = torch.stack([torch.isfinite(t).all() for t in terms.values()]).all().float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips or raises together
         return bool(finite.item())
+
+    def _skip_step(self, step: int, terms: dict) -> None:
+        """A non-finite step (only now do we sync to describe it): raise, or count it and raise once
+        more steps were skipped than ``ssl.max_skipped_steps`` allows."""
+        names = self.objective.loss_term_names()
+        bad = [k for k in [*names, "loss"] if not torch.isfinite(terms[k]).all()]
+        message = (
+            f"non-finite loss at step {step}: {', '.join(bad) or 'on another rank'} "
+            f"({', '.join(f'{k}={terms[k].item():.4g}' for k in names)})"
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(message + "; set ssl.on_nonfinite=skip to skip such steps instead")
+        self.skipped_steps += 1
+        steps_tried = step + 1  # global_step also counts skipped steps
+        if self.skipped_steps > skips_allowed(self.max_skipped_steps, steps_tried):
+            raise NonFiniteLossError(
+                f"step {step}: {self.skipped_steps} of {steps_tried} steps were skipped for a non-finite loss, "
+                f"more than ssl.max_skipped_steps={self.max_skipped_steps} allows; the last: {message}. "
+                "The run is diverging: set ssl.on_nonfinite=raise to stop at the first bad step and see its "
+                "terms, lower optim.base_lr, lengthen optim.warmup_epochs or set optim.clip_grad, or "
+                "raise ssl.max_skipped_steps"
+            )
+        log.warning("%s: step skipped (%d so far)", message, self.skipped_steps)
+        self.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps  # max_skipped_steps bounds the whole run
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     def train(self, mode: bool = True):
         super().train(mode)

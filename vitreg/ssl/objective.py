@@ -1,8 +1,10 @@
 """DINOv2's student–teacher objective (DINO + iBOT + KoLeo) for one batch, in pure PyTorch.
 
 Follows ``ssl_meta_arch.py`` (shared/reference/dinov2.md §2): the teacher sees only the 2 global
-crops, unmasked; the student sees global crops (masked for iBOT) and local crops in one packed
-forward; DINO pairs cross views only; registers are never used by a loss.
+crops, unmasked; the student sees global crops (masked, for iBOT and, as in DINOv2, even without it)
+and local crops in one packed forward; DINO pairs cross views only; registers are never used by a loss.
+A forward only stages the centre updates: the caller commits them once the step is accepted
+(``commit_centers``) or drops them when it is skipped (``discard_centers``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class ObjectiveConfig:
     koleo_loss_weight: float = 0.1
     ibot_loss_weight: float = 1.0
     centering: str = "centering"  # centering | sinkhorn_knopp
+    # DINOv2 masks the student's global crops even with iBOT off (ibot_loss_weight 0): mask_token keeps
+    # learning and DINO/KoLeo see masked inputs. False: no masks without iBOT (vitreg before this switch).
+    mask_when_ibot_off: bool = True
     student_temp: float = 0.1
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
@@ -66,6 +71,11 @@ class DINOv2Objective(nn.Module):
     def do_ibot(self) -> bool:
         return self.cfg.ibot_loss_weight > 0
 
+    @property
+    def masks_student(self) -> bool:
+        """Whether the student's global crops are masked (always with iBOT; as DINOv2 also without)."""
+        return self.do_ibot or self.cfg.mask_when_ibot_off
+
     def train(self, mode: bool = True) -> DINOv2Objective:
         super().train(mode)
         self.teacher.eval()  # always: no drop path, deterministic targets
@@ -76,7 +86,7 @@ class DINOv2Objective(nn.Module):
         if self.cfg.centering == "centering":
             centering: Centering = getattr(self, center)
             probs = centering.targets(logits, temp)
-            centering.update(logits)  # after computing targets: DINOv2's one-step lag
+            centering.stage_update(logits)  # after computing targets: DINOv2's one-step lag
             return probs
         return sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iterations, total_count=total_count)
 
@@ -102,14 +112,15 @@ class DINOv2Objective(nn.Module):
 
     # ------------------------------------------------------------------ student + losses
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
-        """Loss terms (already weighted: what is optimised) and cheap collapse monitors."""
+        """Loss terms (already weighted: what is optimised) and cheap collapse monitors. Stages the centre
+        updates; call ``commit_centers`` or ``discard_centers`` after it."""
         cfg = self.cfg
         global_crops, local_crops = batch["global_crops"], batch.get("local_crops")
         n_global = global_crops.shape[0]
         has_local = local_crops is not None and local_crops.shape[0] > 0
         dino_targets, ibot_targets = self._teacher(batch, teacher_temp)
 
-        masks = batch["masks"] if self.do_ibot else None
+        masks = batch["masks"] if self.masks_student else None
         crops = [global_crops, local_crops] if has_local else [global_crops]
         outs = self.student.backbone.forward_features(crops, masks=[masks, None] if has_local else [masks])
         s_global_cls = outs[0]["x_norm_clstoken"]
@@ -154,8 +165,22 @@ class DINOv2Objective(nn.Module):
         kl_uniform = (mean_p * (mean_p.clamp_min(1e-12) * mean_p.numel()).log()).sum()
         monitors = {"teacher_entropy": entropy, "teacher_kl_to_uniform": kl_uniform}
         if self.cfg.centering == "centering":
-            monitors["center_norm"] = self.dino_center.center.norm()
+            monitors["center_norm"] = self.dino_center.next_center.norm()  # with this batch, once accepted
         return monitors
+
+    # ------------------------------------------------------------------ step outcome
+    def _centerings(self) -> list[Centering]:
+        return [self.dino_center, self.ibot_center] if self.cfg.centering == "centering" else []
+
+    def commit_centers(self) -> None:
+        """The step is accepted: move the centres by the update its forward staged."""
+        for centering in self._centerings():
+            centering.commit()
+
+    def discard_centers(self) -> None:
+        """The step is skipped: its (maybe non-finite) batch never reaches the centres."""
+        for centering in self._centerings():
+            centering.discard()
 
     def loss_term_names(self) -> list[str]:
         names = []

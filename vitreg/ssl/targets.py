@@ -17,11 +17,13 @@ class Centering(nn.Module):
 
     One instance serves the DINO CLS targets and another the iBOT patch targets.
 
-    Call order each step: ``targets(t, temp)`` first, then ``update(t)``. DINOv2 starts the update's
-    all-reduce asynchronously and applies it lazily at the start of the *next* ``softmax_center_teacher``
-    call. Computing the targets with the current center and then updating right away is numerically the
-    same: step 0 uses center 0 and step i uses a center built from batches 0..i-1 in both schemes. The
-    only visible difference is between steps, where our ``center`` already includes the last batch.
+    Call order each step: ``targets(t, temp)`` first, then ``stage_update(t)``, and ``commit()`` once
+    the step is accepted (``discard()`` when it is skipped, so a non-finite batch never reaches the
+    centre); ``update(t)`` is stage + commit. DINOv2 starts the update's all-reduce asynchronously and
+    applies it lazily at the start of the *next* ``softmax_center_teacher`` call. Computing the targets
+    with the current center and committing the update before the next step is numerically the same:
+    step 0 uses center 0 and step i uses a center built from batches 0..i-1 in both schemes. The only
+    visible difference is between steps, where our ``center`` already includes the last batch.
     """
 
     center: Tensor
@@ -30,6 +32,12 @@ class Centering(nn.Module):
         super().__init__()
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, out_dim, dtype=torch.float32))
+        self._next_center: Tensor | None = None  # staged by stage_update, not a buffer: never checkpointed
+
+    @property
+    def next_center(self) -> Tensor:
+        """The centre once the staged update is committed (the current one when nothing is staged)."""
+        return self.center if self._next_center is None else self._next_center
 
     @torch.no_grad()
     def targets(self, teacher_logits: Tensor, temp: float) -> Tensor:
@@ -37,8 +45,9 @@ class Centering(nn.Module):
         return torch.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
 
     @torch.no_grad()
-    def update(self, teacher_logits: Tensor) -> None:
-        """``center <- m * center + (1 - m) * batch_mean``, with the mean taken over all ranks.
+    def stage_update(self, teacher_logits: Tensor) -> None:
+        """Compute ``m * center + (1 - m) * batch_mean``, with the mean taken over all ranks, and hold it
+        until ``commit()``.
 
         The batch mean is the average of the per-rank row means. For DINO (2B rows on every rank) this
         equals DINOv2's ``sum(t) / (n * world)``; for iBOT, where ranks hold different numbers of masked
@@ -53,11 +62,28 @@ class Centering(nn.Module):
             local[:, :-1] = teacher_logits.detach().float().mean(dim=0, keepdim=True)
             local[:, -1] = 1.0
         all_reduce_sum_(local)  # sum of the per-rank means, and the number of ranks that had rows
-        ranks_with_rows = float(local[0, -1])
-        if ranks_with_rows == 0:
-            return
-        batch_mean = local[:, :-1] / ranks_with_rows
-        self.center.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+        ranks_with_rows = local[:, -1:]
+        batch_mean = local[:, :-1] / ranks_with_rows.clamp_min(1.0)
+        moved = self.center.mul(self.momentum).add(batch_mean, alpha=1.0 - self.momentum)
+        # decided on the device: no host sync on the training step
+        self._next_center = torch.where(ranks_with_rows > 0, moved, self.center)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Apply the staged update (nothing staged: no change)."""
+        if self._next_center is not None:
+            self.center.copy_(self._next_center)
+        self._next_center = None
+
+    def discard(self) -> None:
+        """Drop the staged update: the step that computed it was skipped."""
+        self._next_center = None
+
+    @torch.no_grad()
+    def update(self, teacher_logits: Tensor) -> None:
+        """``stage_update`` then ``commit``: for callers that never skip a step."""
+        self.stage_update(teacher_logits)
+        self.commit()
 
 
 @torch.no_grad()
