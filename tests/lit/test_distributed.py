@@ -74,7 +74,8 @@ def test_strategy_selection():
     [
         ([], set()),
         (["ssl.ibot.separate_head=true"], set()),
-        (["ssl.ibot.loss_weight=0"], {"backbone.mask_token"}),
+        (["ssl.ibot.loss_weight=0"], set()),  # DINOv2 masks the student's crops even without iBOT
+        (["ssl.ibot.loss_weight=0", "ssl.ibot.mask_when_off=false"], {"backbone.mask_token"}),
         (["ssl.dino.loss_weight=0", "ssl.ibot.separate_head=true"], "dino_head"),
     ],
 )

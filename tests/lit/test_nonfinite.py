@@ -150,3 +150,14 @@ def test_finite_steps_compute_the_recorded_losses(case):
     # bitwise on the machine that recorded them; the tolerance only absorbs other CPUs' summation orders
     expected = [float.fromhex(h) for h in recorded]
     assert losses.values == pytest.approx(expected, rel=1e-5, abs=0)
+
+
+def test_a_skipped_step_does_not_trip_the_online_probes(tmp_path):
+    from vitreg.lit.pretrain import pretrain
+
+    cfg = compose_config(
+        [*SKIP, "trainer.max_steps=4", "callbacks.online_linear.enabled=true", "callbacks.telemetry.enabled=false"],
+        run_dir=tmp_path / "run",
+    )
+    summary = pretrain(cfg, extra_callbacks=[PoisonSteps([2])])  # Lightning hands the probe {} for the skip
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 1

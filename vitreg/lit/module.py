@@ -70,6 +70,12 @@ def build_objective(cfg: DictConfig) -> DINOv2Objective:
 
 
 class DINOv2Module(L.LightningModule):
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs) -> DINOv2Module:  # type: ignore[override]
+        """Lightning's loader, always with ``weights_only=True``: a checkpoint file never runs code."""
+        kwargs["weights_only"] = True
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+
     def __init__(self, cfg: DictConfig | dict, world_size: int = 1) -> None:
         super().__init__()
         cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)

@@ -377,7 +377,7 @@ class OnlineLinearProbe(L.Callback):
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if outputs is None:  # a skipped step (non-finite loss): no update anywhere
+        if not outputs:  # a skipped step (non-finite loss; Lightning passes {} or None): no update anywhere
             return
         if not isinstance(outputs, dict) or "teacher_cls" not in outputs:
             raise RuntimeError(
