@@ -70,3 +70,23 @@ def write_class_folders(root: Path, num_images: int, image_size: int, num_classe
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(folder / f"{i}.jpg", quality=90)
     return root / "images"
+
+
+@pytest.fixture
+def hang_guard(monkeypatch):
+    """Fail (instead of hanging forever) when a stream reads more than 20,000 raw samples without
+    stopping; loader workers are forked, so they inherit the guard."""
+    import vitreg.data.webdataset as wdsmod
+
+    real = wdsmod.iter_tar_samples
+    read = [0]
+
+    def guarded(url, skips):
+        for sample in real(url, skips):
+            read[0] += 1
+            if read[0] > 20_000:
+                raise AssertionError("the stream read 20,000 samples without a usable one and did not stop: a hang")
+            yield sample
+
+    monkeypatch.setattr(wdsmod, "iter_tar_samples", guarded)
+    return read

@@ -143,24 +143,6 @@ def test_no_readable_shard_is_a_clear_error(tmp_path):
         labels_of(stream, limit=1)
 
 
-@pytest.fixture
-def hang_guard(monkeypatch):
-    """Fail (instead of hanging forever) when a stream reads more than 20,000 raw samples without
-    stopping; loader workers are forked, so they inherit the guard."""
-    real = wdsmod.iter_tar_samples
-    read = [0]
-
-    def guarded(url, skips):
-        for sample in real(url, skips):
-            read[0] += 1
-            if read[0] > 20_000:
-                raise AssertionError("the stream read 20,000 samples without a usable one and did not stop: a hang")
-            yield sample
-
-    monkeypatch.setattr(wdsmod, "iter_tar_samples", guarded)
-    return read
-
-
 def unusable_shard(path, kind: str, n: int = 50) -> str:
     members = []
     for i in range(n):

@@ -160,7 +160,7 @@ def test_register_sweep_array_with_preemption_and_requeue(slurm_cluster: SlurmCl
     assert "`Trainer.fit` stopped: `max_steps" not in first  # it stopped early, not at the end
     assert f"resuming from {run_dir}/checkpoints/last.ckpt" in second, second[-3000:]
     # the restart's training loop began at the saved step, not at 0
-    resumed_at = re.findall(r"preemption: SIGUSR1, SIGTERM handled at global step (\d+)", second)
+    resumed_at = re.findall(r"preemption: SIGUSR1, SIGTERM, SIGINT handled at global step (\d+)", second)
     assert resumed_at == [str(stop_step)], second[-3000:]
     assert run_dir_of(output_root, job, SIGNALLED_TASK) == run_dir
     assert "preemption: requeueing" not in second and "preemption: saved" not in second
