@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,21 @@ def _assign(into: dict, item: Any) -> None:
     into[keys[-1]] = _value(item)
 
 
+def _finished_records(file: Path, pb: Any, timeout_s: float = 30.0) -> list[Any]:
+    """The file's records once its ``exit`` record is there: ``run.finish()`` can return before W&B's
+    service process has flushed the transaction log (seen: a file of only its 7-byte header)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = []
+        for payload in iter_payloads(file.read_bytes()):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
 def read_offline_run(path: str | Path) -> dict:
     """What an offline run recorded: ``run_id``, ``config``, ``history`` (one dict per logged row,
     media as nested dicts), ``summary``, the run's ``project``/``name``/``group``/``tags``/
@@ -99,9 +115,7 @@ def read_offline_run(path: str | Path) -> dict:
 
     file = find_offline_run(path)
     out: dict[str, Any] = {"dir": file.parent, "run_id": None, "config": {}, "history": [], "summary": {}}
-    for payload in iter_payloads(file.read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(payload)
+    for record in _finished_records(file, pb):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
