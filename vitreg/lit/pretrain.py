@@ -120,7 +120,7 @@ def finished_summary(cfg: DictConfig, run_dir: Path, resume: str, step: int, max
         f"run {run_dir} already finished: {resume} is at step {step} of {max_steps}; raise trainer.max_steps "
         "to train on, or start another run with run_name=<new name>"
     )
-    log.warning(message)
+    log.debug(message)  # train/pretrain.py prints it: one line, not a log record too
     return {
         "run_dir": str(run_dir),
         "config": str(run_dir / "config.yaml"),
