@@ -123,6 +123,7 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
+    fused: bool | None = None  # fused AdamW kernel; null: on with CUDA (numerically close, not bitwise, to foreach)
 
 
 @dataclass
@@ -187,6 +188,8 @@ class TrainerConfig:
     max_steps: int | None = None  # None: optim.epochs × optim.official_epoch_length
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
+    progress: str = "auto"  # auto: a bar on a terminal, one line every log_every_n_steps otherwise | bar | lines
+    compile: bool | None = None  # per-block torch.compile of student and teacher; null: on with CUDA
     deterministic: bool = False
     ddp: DDPConfig = field(default_factory=DDPConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -438,6 +441,7 @@ CHOICES = {
     "data.name": ("synthetic", "webdataset"),
     "data.webdataset.missing_shards": (None, "error", "warn"),
     "resume": ("auto", "never"),
+    "trainer.progress": ("auto", "bar", "lines"),
     "callbacks.telemetry.stream": ("prenorm", "postnorm"),
     "callbacks.telemetry.detector": ("fixed", "robust_z", "valley"),
     "callbacks.telemetry.media_style": ("fast", "figures"),
