@@ -22,6 +22,7 @@ MEANINGFUL = ("model.", "augment.", "ssl.", "optim.", "data.", "seed", "register
 HARMLESS = (
     "model.pretrained_weights",  # only read when a fresh run initialises its student
     "model.attn_backend",  # the same attention, computed by another kernel
+    "optim.fused",  # the same AdamW, computed by another kernel
     "data.num_workers",  # exact resume checks the worker count itself (data.exact_resume)
     "data.exact_resume",
     "data.webdataset.max_skip_fraction",
