@@ -180,6 +180,9 @@ MISTAKES = [
     (["data.synthetic.image_size=8"], "data.synthetic.image_size"),
     # trainer
     (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps"),
+    (["trainer=ddp", "trainer.ddp.comm_hook=fp8"], "trainer.ddp.comm_hook"),
+    (["trainer=fsdp", "trainer.fsdp.prefetch=-1"], "trainer.fsdp.prefetch"),
+    (["trainer.progress=tqdm"], "trainer.progress"),
     (["trainer=cpu", "trainer.precision=16-mixed"], "trainer.precision"),
     (["trainer.precision=16-mixed"], "trainer.precision"),  # accelerator auto, no GPU (the test hides it)
     (["trainer.precision=fp16"], "trainer.precision"),

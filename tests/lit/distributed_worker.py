@@ -33,7 +33,14 @@ from vitreg.lit.strategies import build_strategy, is_sharded, sharded_checkpoint
 
 STEPS = 3
 # runs that must equal the one-process run with the global batch (koleo off, no stochastic depth)
-EQUALITY = ["ddp_centering", "ddp_sinkhorn_knopp", "fsdp_centering", "fsdp_sinkhorn_knopp", "fsdp_reshard_centering"]
+EQUALITY = [
+    "ddp_centering",
+    "ddp_sinkhorn_knopp",
+    "fsdp_centering",
+    "fsdp_sinkhorn_knopp",
+    "fsdp_reshard_centering",
+    "fsdp_prefetch_centering",  # explicit two-block prefetch changes when parameters arrive, not the numbers
+]
 PER_RANK = 2  # images per process; the one-process reference takes WORLD * PER_RANK
 WORLD = 2
 
@@ -222,6 +229,7 @@ def run_scenario(name: str, batches: list[dict], out: Path, world: int) -> dict:
         cfg = config(strategy, world, PER_RANK, centering=centering)
         with open_dict(cfg):
             cfg.trainer.fsdp.reshard_after_forward = "_reshard_" in name  # FULL_SHARD for the student too
+            cfg.trainer.fsdp.prefetch = 2 if "_prefetch_" in name else 0
         _, module = fit(cfg, mine)
         extra = {"sharding": sharding_report(module)} if strategy == "fsdp" else {}
         return _record(module, **extra)
@@ -232,6 +240,12 @@ def run_scenario(name: str, batches: list[dict], out: Path, world: int) -> dict:
         _, module = fit(cfg, mine)
         dtypes = {str(p.to_local().dtype) for p in module.objective.parameters()}
         return {"losses": module.losses, "master_dtypes": sorted(dtypes)}
+    if name == "ddp_bf16_hook":  # gradients all-reduced in bf16
+        cfg = config("ddp", world, PER_RANK)
+        with open_dict(cfg):
+            cfg.trainer.ddp.comm_hook = "bf16"
+        _, module = fit(cfg, mine)
+        return {"losses": module.losses}
     if name == "ddp_koleo":
         _, module = fit(config("ddp", world, PER_RANK, koleo=0.1), mine)
         return _record(module)

@@ -59,7 +59,10 @@ def test_strategy_selection():
     assert build_strategy(compose_config(TINY)) == "auto"
     ddp = build_strategy(compose_config([*TINY, "trainer=ddp"]))
     assert isinstance(ddp, VitregDDPStrategy)
-    assert ddp._ddp_kwargs == {"find_unused_parameters": False, "static_graph": False}
+    assert ddp._ddp_kwargs == {"find_unused_parameters": False, "static_graph": False, "gradient_as_bucket_view": True}
+    assert ddp._ddp_comm_hook is None
+    hooked = build_strategy(compose_config([*TINY, "trainer=ddp", "trainer.ddp.comm_hook=bf16"]))
+    assert hooked._ddp_comm_hook.__name__ == "bf16_compress_hook"
     assert isinstance(build_strategy(compose_config([*TINY, "trainer=fsdp"])), FSDP2Strategy)
     cfg = compose_config([*TINY, "trainer=fsdp"])  # the group file, not the experiment's trainer=cpu
     assert (cfg.trainer.strategy, cfg.trainer.precision, cfg.trainer.fsdp.param_dtype) == (
@@ -224,7 +227,16 @@ def _runs(tmp_path_factory):
         references[centering] = {"losses": module.losses, "grad_norms": module.grad_norms}
         references[centering]["state"] = worker.full_state(module)
     timings["reference (1 process, 2 runs)"] = time.perf_counter() - start
-    two = [*EQUALITY, "ddp_koleo", "fsdp_bf16", "fsdp_resume", "ddp_to_fsdp", "pretrain_fsdp", "pretrain_ddp"]
+    two = [
+        *EQUALITY,
+        "ddp_koleo",
+        "ddp_bf16_hook",
+        "fsdp_bf16",
+        "fsdp_resume",
+        "ddp_to_fsdp",
+        "pretrain_fsdp",
+        "pretrain_ddp",
+    ]
     timings["torchrun 2 processes"] = launch(2, out / "batches.pt", out, two)
     timings["torchrun 1 process"] = launch(1, out / "batches.pt", out, ["fsdp_resume_world1", "pretrain_fsdp_world1"])
     print("timings:", {k: f"{v:.1f}s" for k, v in timings.items()})
@@ -243,6 +255,17 @@ def test_two_processes_train_like_one_with_the_global_batch(runs, name):
         sharding = results[0]["sharding"]
         # every parameter is a DTensor, and the teacher's shards line up with the student's (local EMA)
         assert sharding["dtensors"] == sharding["params"] > 0 and sharding["mismatched"] == 0
+
+
+@pytest.mark.slow
+def test_bf16_gradient_all_reduce_stays_close_to_fp32(runs):
+    out, references = runs
+    results = [load(out, "ddp_bf16_hook", rank) for rank in range(worker.WORLD)]
+    losses = torch.tensor([r["losses"] for r in results]).mean(0)
+    want = torch.tensor(references["centering"]["losses"])
+    torch.testing.assert_close(losses[0], want[0], rtol=RTOL, atol=ATOL)  # step 0: before any reduced gradient
+    torch.testing.assert_close(losses, want, rtol=2e-2, atol=2e-2)  # bf16-rounded gradients after that
+    assert not torch.equal(losses, want)  # the hook really ran: not the fp32 run
 
 
 @pytest.mark.slow
@@ -384,3 +407,28 @@ def test_config_rejects_bad_num_nodes():
         cfg.trainer.num_nodes = 0
     with pytest.raises(ConfigError, match=r"trainer\.num_nodes"):
         validate_config(cfg)
+
+
+def test_block_prefetch_order():
+    from vitreg.lit.strategies import set_block_prefetch
+
+    class Block:
+        def __init__(self, i):
+            self.i, self.forward, self.backward = i, None, None
+
+        def set_modules_to_forward_prefetch(self, modules):
+            self.forward = [m.i for m in modules]
+
+        def set_modules_to_backward_prefetch(self, modules):
+            self.backward = [m.i for m in modules]
+
+    blocks = [Block(i) for i in range(4)]
+    set_block_prefetch(blocks, 2, backward=True)
+    assert [b.forward for b in blocks] == [[1, 2], [2, 3], [3], None]
+    assert [b.backward for b in blocks] == [None, [0], [1, 0], [2, 1]]
+    teacher = [Block(i) for i in range(3)]
+    set_block_prefetch(teacher, 1, backward=False)  # the teacher has no backward
+    assert [b.backward for b in teacher] == [None, None, None] and teacher[0].forward == [1]
+    untouched = [Block(i) for i in range(3)]
+    set_block_prefetch(untouched, 0, backward=True)
+    assert all(b.forward is None and b.backward is None for b in untouched)
