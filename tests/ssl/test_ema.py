@@ -89,3 +89,52 @@ def test_shared_buffer_and_view_are_detected():
     teacher[0].weight = nn.Parameter(student[0].weight.data[1:])  # a view into the student's storage
     with pytest.raises(RuntimeError, match="share storage"):
         assert_no_shared_storage(teacher, student)
+
+
+def test_cached_update_is_bitwise_the_uncached_one_over_steps():
+    from vitreg.ssl.ema import TeacherEMA
+
+    teacher, student = pair()
+    teacher_ref, student_ref = copy.deepcopy(teacher), copy.deepcopy(student)
+    ema = TeacherEMA(teacher, student)
+    for step, m in enumerate([0.992, 0.5, 0.9999, 0.0, 1.0, 0.7]):
+        for s in (student, student_ref):  # the student moves between updates, as after AdamW
+            torch.manual_seed(step)
+            for p in s.parameters():
+                p.data.add_(torch.randn_like(p))
+        ema(m)
+        ema_update_(teacher_ref, student_ref, m)
+        for (name, t), t_ref in zip(teacher.named_parameters(), teacher_ref.parameters(), strict=True):
+            assert torch.equal(t, t_ref), (step, name)
+
+
+def test_cached_lists_are_built_once_and_rebuilt_when_parameters_change(monkeypatch):
+    import vitreg.ssl.ema as ema_module
+
+    calls = []
+    build = ema_module.matched_parameters
+    monkeypatch.setattr(ema_module, "matched_parameters", lambda t, s: calls.append(1) or build(t, s))
+    teacher, student = pair()
+    ema = ema_module.TeacherEMA(teacher, student)
+    for _ in range(3):
+        ema(0.9)
+    assert len(calls) == 1
+    # parameters replaced (as FSDP2 sharding or load_state_dict(assign=True) do): the new ones are updated
+    teacher.load_state_dict({k: v.clone() for k, v in teacher.state_dict().items()}, assign=True)
+    t0 = teacher[0].weight.detach().clone()
+    ema(0.0)
+    assert (
+        len(calls) == 2 and torch.equal(teacher[0].weight, student[0].weight) and not torch.equal(t0, student[0].weight)
+    )
+    # moved to another dtype (.data swapped in place): rebuilt into the float64 bucket
+    teacher.double()
+    student.double()
+    ema(0.5)
+    assert len(calls) == 3 and teacher[0].weight.dtype == torch.float64
+
+
+def test_cached_update_checks_the_momentum():
+    from vitreg.ssl.ema import TeacherEMA
+
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        TeacherEMA(*pair())(-0.1)

@@ -7,16 +7,12 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+Buckets = list[tuple[list[Tensor], list[Tensor]]]
 
-@torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``θ_t ← m θ_t + (1 - m) θ_s`` for every parameter, matched by name; buffers are left alone (as DINOv2).
 
-    Runs after ``optimizer.step()`` with ``m = momentum_schedule(it)``. Uses one ``_foreach`` pair per
-    (device, dtype) bucket, like DINOv2's update over the flat FSDP parameters.
-    """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+def matched_parameters(teacher: nn.Module, student: nn.Module) -> Buckets:
+    """Teacher and student parameters matched by name, as (teacher list, student list) per
+    (device, dtype) bucket: the operands of one ``_foreach`` pair each."""
     t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
     if t_params.keys() != s_params.keys():
         only_t, only_s = sorted(t_params.keys() - s_params.keys()), sorted(s_params.keys() - t_params.keys())
@@ -29,9 +25,60 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         ts, ss = buckets[(t.device, t.dtype, s.device, s.dtype)]
         ts.append(t)
         ss.append(s)
-    for ts, ss in buckets.values():
+    return list(buckets.values())
+
+
+def _check_momentum(momentum: float) -> None:
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+
+
+@torch.no_grad()
+def _ema_buckets_(buckets: Buckets, momentum: float) -> None:
+    for ts, ss in buckets:  # DINOv2's pair (a lerp would round differently)
         torch._foreach_mul_(ts, momentum)
         torch._foreach_add_(ts, ss, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``θ_t ← m θ_t + (1 - m) θ_s`` for every parameter, matched by name; buffers are left alone (as DINOv2).
+
+    Runs after ``optimizer.step()`` with ``m = momentum_schedule(it)``. Uses one ``_foreach`` pair per
+    (device, dtype) bucket, like DINOv2's update over the flat FSDP parameters. ``TeacherEMA`` does the
+    same with the matched lists built once.
+    """
+    _check_momentum(momentum)
+    _ema_buckets_(matched_parameters(teacher, student), momentum)
+
+
+def _layout(module: nn.Module) -> tuple:
+    """What changes when the parameters are replaced (FSDP2 sharding, ``load_state_dict(assign=True)``)
+    or moved (``.to(device/dtype)`` swaps ``.data``): the first parameter's identity, device and dtype."""
+    first = next(module.parameters(), None)
+    return (id(first), getattr(first, "device", None), getattr(first, "dtype", None))
+
+
+class TeacherEMA:
+    """``ema_update_(teacher, student, m)`` with the matched parameter lists cached: built on the first
+    update and again only when either module's parameters were replaced or moved (see ``_layout``),
+    instead of two name dicts per step. Bitwise the same update."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
+        self.teacher, self.student = teacher, student
+        self._buckets: Buckets = []
+        self._built_for: tuple | None = None
+
+    def buckets(self) -> Buckets:
+        layout = (_layout(self.teacher), _layout(self.student))
+        if layout != self._built_for:
+            self._buckets, self._built_for = matched_parameters(self.teacher, self.student), layout
+        return self._buckets
+
+    @torch.no_grad()
+    def __call__(self, momentum: float) -> None:
+        _check_momentum(momentum)
+        _ema_buckets_(self.buckets(), momentum)
 
 
 def _storages(module: nn.Module) -> dict[tuple[torch.device, int], str]:
