@@ -118,6 +118,11 @@ class DINOv2Module(L.LightningModule):
         # trainer=fsdp (ModelParallelStrategy) sets a device mesh: shard student and teacher with FSDP2.
         # Lightning calls this before configure_optimizers, so the optimiser gets the sharded parameters.
         # Gradient clipping and the EMA work unchanged on the DTensor parameters (same names, same shards).
+        # trainer.compile: per-block compile, before sharding, for every strategy; the module is still on the
+        # CPU here (Lightning moves it later), so the target device is the strategy's. Idempotent.
+        from vitreg.lit.compile import compile_objective
+
+        compile_objective(self.objective, self.cfg.trainer.get("compile"), self.trainer.strategy.root_device)
         if self.device_mesh is None:
             return  # one process or DDP: nothing to do
         from vitreg.lit.strategies import shard_objective

@@ -9,7 +9,10 @@ Backends:
 - ``auto``: xformers when installed and on CUDA (installing the extra is taken as opting in),
   else SDPA.
 
-The resolved kernel is logged once per (requested, resolved) pair; a missing xformers never raises.
+Each layer resolves its kernel once per device type and keeps it (``Attention.kernels``); the choice is
+logged once per (requested, resolved) pair, and a missing xformers never raises. Resolve before
+``torch.compile`` (``resolve_attention_kernels``) so traced code only reads the kept name: the check for
+xformers (an import) and the log call cannot be traced and would break the graph.
 """
 
 from __future__ import annotations
@@ -62,8 +65,19 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         resolved, reason = "sdpa", "xformers is not installed (pip install -e .[xformers])"
     else:
         resolved, reason = "xformers", "installed and on CUDA"
-    _log_choice(requested, resolved, reason)
+    if not torch.compiler.is_compiling():  # a logger call in traced code is a graph break
+        _log_choice(requested, resolved, reason)
     return resolved
+
+
+def resolve_attention_kernels(module: nn.Module, device: torch.device) -> None:
+    """Resolve (and log) the kernel of every ``Attention`` in ``module`` for ``device``, outside traced code.
+
+    Call it before ``torch.compile`` on the device the model will run on; eager code resolves on first use.
+    """
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            layer.kernel(device)
 
 
 def math_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,8 +121,16 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend = check_backend(backend)
+        self.kernels: dict[str, str] = {}  # device type -> the kernel ``backend`` resolved to there
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def kernel(self, device: torch.device) -> str:
+        """The kernel this layer runs on ``device``: resolved on first use, then read from ``kernels``."""
+        kernel = self.kernels.get(device.type)
+        if kernel is None:
+            kernel = self.kernels[device.type] = resolve_backend(self.backend, device)
+        return kernel
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = x.shape
@@ -125,7 +147,7 @@ class Attention(nn.Module):
         The projections run once over all tokens; attention runs once per group (B_i, N_i), so
         each image attends only to its own tokens. This is the multi-crop fast path.
         """
-        backend = resolve_backend(self.backend, tokens.device)
+        backend = self.kernel(tokens.device)
         qkv = self.qkv(tokens)
         outs = []
         for chunk, (b, n) in zip(qkv.split([b * n for b, n in groups]), groups, strict=True):
