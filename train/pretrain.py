@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vitreg.config import ConfigError, register_configs
 from vitreg.data.webdataset import UnusableDataError
-from vitreg.lit.pretrain import pretrain
+from vitreg.lit.pretrain import is_global_zero_process, pretrain
 from vitreg.lit.resume_check import ResumeConfigError
 from vitreg.runtime.run_dir import register_resolvers
 
@@ -40,6 +40,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"data error: {err.reason()}")
     except ResumeConfigError as err:
         sys.exit(f"resume refused: {err}")
+    if not is_global_zero_process():
+        return  # one summary per run, not one per rank
     if summary.get("already_finished"):
         print(summary["already_finished"])
         return

@@ -28,7 +28,9 @@ from vitreg.lit.checkpointing import (
 from vitreg.lit.csv_logger import ResumableCSVLogger
 from vitreg.lit.data import SyntheticDataModule, WebDataModule
 from vitreg.lit.module import DINOv2Module
+from vitreg.lit.perf import PerfMonitor
 from vitreg.lit.probes import build_online_probes
+from vitreg.lit.progress import LineProgress, progress_mode
 from vitreg.lit.resume import ExactResume, restore_wandb_id
 from vitreg.lit.resume_check import check_resume_config
 from vitreg.lit.strategies import build_strategy
@@ -173,6 +175,12 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
             save_on_interrupt=cfg.runtime.save_on_interrupt,
         )
     )
+    perf = PerfMonitor(cfg.data.batch_size_per_device)
+    callbacks.append(perf)  # perf/* metrics every log_every_n_steps, to every logger
+    # enable_progress_bar=false: neither bar nor lines; else trainer.progress picks (auto: lines off a TTY)
+    lines = cfg.trainer.enable_progress_bar and progress_mode(cfg.trainer.progress) == "lines"
+    if lines:  # a ProgressBar callback: Lightning adds no tqdm bar of its own
+        callbacks.append(LineProgress(perf))
     callbacks.extend(extra_callbacks or [])
     if resume and cfg.logger.kind == "wandb":
         restore_wandb_id(resume, run_dir)  # before the logger is built, so it continues the same run
