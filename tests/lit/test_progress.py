@@ -225,3 +225,20 @@ def test_cli_prints_the_run_summary_on_rank_zero_only(monkeypatch, capsys):
         printed[rank_zero] = capsys.readouterr().out
     assert "run directory: /runs/x" in printed[True]
     assert printed[False] == ""
+
+
+@pytest.mark.slow
+def test_perf_metrics_reach_wandb_at_the_step_of_the_losses(tmp_path, monkeypatch):
+    from tests.wandb_offline import read_offline_run
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny(
+        tmp_path, "trainer.max_steps=4", "trainer.log_every_n_steps=2", "logger=wandb", "logger.wandb.mode=offline"
+    )
+    pretrain(cfg)
+    rows = read_offline_run(tmp_path / "run")["history"]
+    perf_steps = [r["trainer/global_step"] for r in rows if "perf/step_s" in r]
+    loss_steps = {r["trainer/global_step"] for r in rows if "train/loss" in r}
+    assert perf_steps == [3] and 3 in loss_steps
+    (row,) = [r for r in rows if "perf/step_s" in r]
+    assert row["perf/img_per_s"] == pytest.approx(4 / row["perf/step_s"])
