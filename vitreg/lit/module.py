@@ -122,7 +122,8 @@ class DINOv2Module(L.LightningModule):
         # CPU here (Lightning moves it later), so the target device is the strategy's. Idempotent.
         from vitreg.lit.compile import compile_objective
 
-        compile_objective(self.objective, self.cfg.trainer.get("compile"), self.trainer.strategy.root_device)
+        if self._trainer is not None:  # load_from_checkpoint calls this hook without a Trainer: nothing to compile
+            compile_objective(self.objective, self.cfg.trainer.get("compile"), self._trainer.strategy.root_device)
         if self.device_mesh is None:
             return  # one process or DDP: nothing to do
         from vitreg.lit.strategies import shard_objective
