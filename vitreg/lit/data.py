@@ -141,7 +141,7 @@ class CountingCollate:
         batch = self.collator(samples, rng=rng)
         batch["skipped"], batch["seen"] = SKIPS.take_new()
         if position is not None:
-            batch["stream_position"] = torch.tensor(position, dtype=torch.long)
+            batch["stream_position"] = position  # Python ints: never sent to the device, read without a sync
         return batch
 
 

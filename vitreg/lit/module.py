@@ -7,6 +7,7 @@ Per step, as DINOv2's ``train.py``: apply schedules[step] to the param groups â†
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -15,13 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitreg.models import VisionTransformer, ViTConfig, load_backbone_weights
 from vitreg.models.config import vit_config_from_mapping
-from vitreg.ssl.ema import ema_update_
+from vitreg.ssl.ema import TeacherEMA
 from vitreg.ssl.heads import DINOHead
 from vitreg.ssl.objective import DINOv2Objective, ObjectiveConfig
 from vitreg.ssl.param_groups import apply_schedules, param_groups
 from vitreg.ssl.schedules import build_schedules, scaled_lr
 
 log = logging.getLogger(__name__)
+
+SCHEDULE_NAMES = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")  # logged every step
+SCHEDULE_TABLE_STEPS = 1024  # rows of the device table the logged schedule values are read from
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,6 +38,40 @@ def skips_allowed(max_skipped_steps: float, steps_tried: int) -> int:
     if max_skipped_steps >= 1:
         return int(max_skipped_steps)
     return max(1, int(max_skipped_steps * steps_tried))
+
+
+def use_fused_adamw(fused: bool | None, device: torch.device, precision: str | None, clip_grad: float | None) -> bool:
+    """``optim.fused``: null is on with CUDA (one kernel for the whole update; handles FSDP2's DTensors),
+    the foreach implementation on the CPU. Not by default under 16-mixed: Lightning then leaves the
+    unscaling to the fused kernel, after the per-module clipping, which would clip scaled gradients."""
+    scaled = precision in ("16-mixed", "16")
+    if fused is None:
+        return device.type == "cuda" and not scaled
+    if fused and scaled and clip_grad:
+        raise ValueError(
+            "optim.fused=true with trainer.precision=16-mixed would clip the still-scaled gradients "
+            "(optim.clip_grad); use trainer.precision=bf16-mixed or optim.fused=false"
+        )
+    return bool(fused)
+
+
+@dataclass
+class PendingStep:
+    """A training step's terms (detached), kept from its forward to the verdict after its backward."""
+
+    step: int
+    terms: dict[str, torch.Tensor]
+    batch_size: int
+
+
+def drop_step_output(closure) -> None:
+    """Make Lightning hand ``{}`` to ``on_train_batch_end`` for this step, as when ``training_step``
+    returns None: the probes must not train on a skipped step's features. The loop reads the result
+    the closure cached (``Closure._result``; Lightning 2.6) and returns ``{}`` when its loss is None."""
+    result = getattr(closure, "_result", None)
+    if result is None or not hasattr(result, "loss"):
+        raise RuntimeError("cannot drop the step's output: Lightning's closure no longer caches its result")
+    result.loss = None
 
 
 def backbone_config(model_cfg: DictConfig, img_size: int) -> ViTConfig:
@@ -104,6 +142,10 @@ class DINOv2Module(L.LightningModule):
         self.on_nonfinite = cfg.ssl.on_nonfinite
         self.max_skipped_steps = cfg.ssl.get("max_skipped_steps", 10)
         self.skipped_steps = 0  # over the whole run: kept in checkpoints
+        self._teacher_ema = TeacherEMA(self.teacher, self.student)
+        self._pending: PendingStep | None = None
+        self._stepped = False
+        self._schedule_table: tuple[int, torch.Tensor | None] = (0, None)
 
     @property
     def student(self) -> torch.nn.ModuleDict:
@@ -134,7 +176,11 @@ class DINOv2Module(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optim = self.cfg.optim
         groups = param_groups(self.student, optim.layerwise_decay, optim.patch_embed_lr_mult)
-        return torch.optim.AdamW(groups, lr=self.lr, betas=(optim.adamw_beta1, optim.adamw_beta2))
+        device = next(self.student.parameters()).device  # Lightning moved the module before this hook
+        precision = self._trainer.precision if self._trainer is not None else None
+        fused = use_fused_adamw(optim.get("fused"), device, precision, optim.clip_grad)
+        kwargs = {"fused": True} if fused else {}  # else the default: foreach on CUDA and on the CPU
+        return torch.optim.AdamW(groups, lr=self.lr, betas=(optim.adamw_beta1, optim.adamw_beta2), **kwargs)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         step = self.global_step
@@ -157,41 +203,67 @@ class DINOv2Module(L.LightningModule):
         # callbacks' on_train_batch_end (checkpointing, ...) before the module's, so a teacher updated
         # there would be saved one update behind the student and global_step.
         self._stepped = False
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def step_then_verdict():
+            # training_step, zero_grad, backward; then accept or skip, before clipping and AdamW
+            loss = optimizer_closure()
+            if self._accept_step(optimizer):
+                return loss
+            drop_step_output(optimizer_closure)
+            return None  # under 16-mixed the grad scaler then steps nothing
+
+        super().optimizer_step(epoch, batch_idx, optimizer, step_then_verdict)
         if self._stepped:  # global_step is incremented after this hook returns
-            ema_update_(self.teacher, self.student, self.schedules.momentum(self.global_step))
+            self._teacher_ema(self.schedules.momentum(self.global_step))
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, batch_idx: int):
         step = self.global_step
         terms = self.objective(batch, teacher_temp=self.schedules.teacher_temp(step))
-        loss = terms["loss"]
-        if not self._all_finite(terms):
-            self.objective.discard_centers()
-            self._skip_step(step, terms)
-            # Lightning then zeroes the gradients (to None), runs no backward, and AdamW skips every
-            # parameter without a gradient: no moment or step counter moves; no EMA (_stepped is False)
-            return None
-        self.objective.commit_centers()
-        bs = batch["global_crops"].shape[0] // 2
-        metrics = {f"train/{k}": v.detach() for k, v in terms.items()}
-        metrics.update(
-            {
-                "lr": self.schedules.lr(step),
-                "wd": self.schedules.wd(step),
-                "momentum": self.schedules.momentum(step),
-                "teacher_temp": self.schedules.teacher_temp(step),
-                "last_layer_lr": self.schedules.last_layer_lr(step),
-            }
-        )
-        self.log_dict(metrics, batch_size=bs, sync_dist=False, prog_bar=False)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=bs)
-        self._stepped = True
+        # The verdict on the terms waits for the backward (optimizer_step): checking them here would
+        # stall the device between forward and backward. A bad step's backward is wasted, nothing else.
+        detached = {k: v.detach() for k, v in terms.items()}
+        self._pending = PendingStep(step, detached, batch["global_crops"].shape[0] // 2)
         # the teacher's CLS of the global crops rides along (detached) for the online linear probe
-        return {"loss": loss, "teacher_cls": self.objective.teacher_cls}
+        return {"loss": terms["loss"], "teacher_cls": self.objective.teacher_cls}
+
+    def _accept_step(self, optimizer) -> bool:
+        """Accept the step whose backward just ran (commit its centres, log it), or skip it: no
+        gradients, so AdamW moves no moment or step counter, the staged centres dropped, no EMA."""
+        pending, self._pending = self._pending, None
+        if not self._all_finite(pending.terms):  # the step's one host sync
+            optimizer.zero_grad(set_to_none=True)
+            self.objective.discard_centers()
+            self._skip_step(pending.step, pending.terms)  # raises, or counts the skip
+            return False
+        self.objective.commit_centers()
+        self._log_step(pending)
+        self._stepped = True
+        return True
+
+    def _log_step(self, pending: PendingStep) -> None:
+        metrics = {f"train/{k}": v for k, v in pending.terms.items()}
+        metrics.update(self._schedule_values(pending.step))
+        # Nothing in the progress bar: Lightning reads every bar value to the host at every batch from
+        # its first log on (a sync per step); train/loss reaches the loggers every log_every_n_steps.
+        self.log_dict(metrics, batch_size=pending.batch_size, sync_dist=False, prog_bar=False)
+
+    def _schedule_values(self, step: int) -> dict[str, torch.Tensor]:
+        """The schedules at ``step`` as device scalars, read from a table sent once per
+        ``SCHEDULE_TABLE_STEPS`` steps: each logged Python float would be a blocking copy to the device."""
+        start, table = self._schedule_table
+        if table is None or table.device != self.device or not start <= step < start + len(table):
+            rows = [
+                [getattr(self.schedules, n)(s) for n in SCHEDULE_NAMES]
+                for s in range(step, step + SCHEDULE_TABLE_STEPS)
+            ]
+            start, table = step, torch.tensor(rows, dtype=torch.float32, device=self.device)  # as log() rounds a float
+            self._schedule_table = (start, table)
+        row = table[step - start]
+        return {name: row[i] for i, name in enumerate(SCHEDULE_NAMES)}
 
     def _all_finite(self, terms: dict) -> bool:
-        # one host sync for all the terms, as the skip decision must be known here
+        # one host sync for all the terms
         finite = torch.stack([torch.isfinite(t).all() for t in terms.values()]).all().float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips or raises together

@@ -89,7 +89,7 @@ class ExactResume(L.Callback):
             self._pending_rng = None
         position = batch.get("stream_position") if isinstance(batch, dict) else None
         if position is not None:
-            _, worker, next_index = (int(v) for v in position.tolist())
+            _, worker, next_index = (int(v) for v in position)  # Python ints (CountingCollate)
             self.positions[worker] = next_index
         self.batches += 1
 

@@ -108,7 +108,12 @@ def sinkhorn_knopp(
     k = q.shape[0]
     if total_count is None:
         total_count = q.shape[1] * world_size()
-    b = torch.as_tensor(total_count, dtype=torch.float32, device=q.device).reshape(())
+    # A device scalar (as DINOv2): dividing a CUDA tensor by a Python number multiplies by its reciprocal,
+    # which rounds differently. new_full fills on the device: no blocking copy of the int.
+    if isinstance(total_count, Tensor):
+        b = torch.as_tensor(total_count, dtype=torch.float32, device=q.device).reshape(())
+    else:
+        b = q.new_full((), total_count)
 
     q /= all_reduce_sum_(q.sum())
     for _ in range(n_iterations):
