@@ -110,6 +110,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--steps", type=int, help="timed steps per variant (default: 10, --tiny 4)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 3, --tiny 2)")
     parser.add_argument("--variants", nargs="+", help="RUNNER-COMPILE-PRECISION-ADAMW names and/or 'official'")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--flops-only", action="store_true", help="count the step's FLOPs, time nothing")
     args = parser.parse_args(options)
     args.batch = args.batch or (8 if args.tiny else 32)
     args.steps = args.steps or (4 if args.tiny else 10)
@@ -519,7 +521,9 @@ def run_official(args, cfg: DictConfig, batches: list[dict], device: torch.devic
     with single_process_group(device):
         torch.manual_seed(0)
         model, optimizer, ocfg = official.build_official(args.dinov2_repo.resolve(), cfg, args.batch, device, patches)
-        print(f"official student: {official.student_parameter_count(model) / 1e6:.2f} M parameters", flush=True)
+        count, expected = official.student_parameter_count(model), vitreg_student_parameters(cfg)
+        same = "the same as vitreg's" if count == expected else f"vitreg has {expected / 1e6:.2f} M: shapes differ"
+        print(f"official student: {count / 1e6:.2f} M parameters, {same}", flush=True)
         step = official.official_step(model, optimizer, ocfg, device, schedules)
         durations, peak = time_steps(lambda it: step(batches[it % len(batches)], it), args.warmup, args.steps, device)
         impl = adamw_impl(optimizer)
@@ -528,12 +532,23 @@ def run_official(args, cfg: DictConfig, batches: list[dict], device: torch.devic
 
 
 # ------------------------------------------------------------------ report
+def vitreg_student_parameters(cfg: DictConfig) -> int:
+    from vitreg.lit.module import build_objective
+
+    with torch.device("meta"):  # shapes only
+        return sum(p.numel() for p in build_objective(cfg).student.parameters())
+
+
 def header(args, cfg: DictConfig, device: torch.device, user: list[str]) -> None:
-    from vitreg.lit.module import backbone_config, build_objective
+    from vitreg.lit.module import backbone_config
 
     commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip() or "unknown"  # fmt: skip
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+    )
     load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if device.type == "cpu" else ""
     print(f"bench_step: {where}{load}, torch {torch.__version__}, vitreg {commit}")
     a, vit = cfg.augment, backbone_config(cfg.model, cfg.augment.global_crops_size)
@@ -544,9 +559,7 @@ def header(args, cfg: DictConfig, device: torch.device, user: list[str]) -> None
         f"drop path {vit.drop_path_rate}, heads {cfg.ssl.dino.head_n_prototypes}/{cfg.ssl.ibot.head_n_prototypes} "
         f"prototypes, centering {cfg.ssl.centering}"
     )
-    with torch.device("meta"):
-        student = build_objective(cfg).student
-    print(f"vitreg student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters")
+    print(f"vitreg student: {vitreg_student_parameters(cfg) / 1e6:.2f} M parameters")
     print(
         f"timing: median of {args.steps} steps after {args.warmup} warm-up steps; batches already on the device; "
         "loop = objective + AdamW as DINOv2's train.py, lightning = DINOv2Module in L.Trainer (no callbacks)"
@@ -583,6 +596,8 @@ def run_safely(name: str, run: Callable[[], Result], device: torch.device) -> Re
 def main(argv: list[str]) -> int:
     args, user = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = compose(base_overrides(args, user))
     batches = make_batches(cfg, args.batch, count=4, device=device)
     header(args, cfg, device, user)
@@ -595,6 +610,8 @@ def main(argv: list[str]) -> int:
         f"MFU peak: {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s dense bf16'}",
         flush=True,
     )
+    if args.flops_only:
+        return 0
     names = args.variants or [*default_variants(device), *([OFFICIAL] if args.dinov2_repo else [])]
     results: list[Result] = []
     vitreg_names = [n for n in names if n != OFFICIAL]
@@ -603,6 +620,8 @@ def main(argv: list[str]) -> int:
         base = next((r for r in results if not r.problem), None)
         results.append(result)
         print(result_line(result, args.batch, flops, peak, base), flush=True)
+    if device.type == "cpu":  # other processes on the same cores distort CPU timings: say how busy it was
+        print("load average after the vitreg variants: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     timed = [r for r in results if not r.problem]
     best = max(timed, key=lambda r: r.img_per_s(args.batch), default=None)
     if OFFICIAL not in names:

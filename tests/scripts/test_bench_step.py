@@ -18,8 +18,21 @@ NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
 
 def run_bench(*extra: str) -> list[str]:
-    # two timed steps keep the smoke test short; the numbers are not the point here
-    command = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", *extra]
+    # two timed steps keep the smoke test short; one thread stays steady on cores shared with other jobs
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--tiny",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        *extra,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout.strip().splitlines()
