@@ -2,10 +2,11 @@
 state, for several variants, and optionally the official DINOv2 ``SSLMetaArch`` step on the same
 device, weight shapes and batch.
 
-    python scripts/bench_step.py --tiny --device cpu                       # ~1-2 min on 2 CPU cores
+    python scripts/bench_step.py --tiny --device cpu --threads 1           # ~45 s on 2 shared CPU cores
     python scripts/bench_step.py --tiny --device cpu --dinov2-repo /tmp/dinov2
     python scripts/bench_step.py --device cuda --batch 32 --dinov2-repo /path/to/dinov2
-    python scripts/bench_step.py --variants loop-eager-bf16-fused official -- ssl.dino.head_n_prototypes=65536
+    python scripts/bench_step.py --variants loop-eager-bf16-fused official --dinov2-repo /path/to/dinov2 \
+        -- ssl.dino.head_n_prototypes=65536
 
 Default model: DINOv2's ViT-L/14 + 4 registers recipe (``experiment=dinov2_vitl14_reg4``); ``--tiny``
 shrinks it (vitt, 56/28 px crops, 256-prototype heads); Hydra overrides after ``--`` apply last.
@@ -115,7 +116,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(options)
     args.batch = args.batch or (8 if args.tiny else 32)
     args.steps = args.steps or (4 if args.tiny else 10)
-    args.warmup = 2 if args.warmup is None and args.tiny else 3 if args.warmup is None else args.warmup
+    if args.warmup is None:
+        args.warmup = 2 if args.tiny else 3
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     for name in args.variants or []:
@@ -503,7 +505,7 @@ def single_process_group(device: torch.device) -> Iterator[None]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     try:
         yield
