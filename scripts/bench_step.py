@@ -362,12 +362,23 @@ def build_module(cfg: DictConfig, device: torch.device):
         return DINOv2Module(cfg)
 
 
+def teacher_ema(objective) -> Callable[[float], None]:
+    """The EMA update DINOv2Module uses: the cached ``TeacherEMA``, or ``ema_update_`` in a vitreg without it."""
+    try:
+        from vitreg.ssl.ema import TeacherEMA
+    except ImportError:
+        from vitreg.ssl.ema import ema_update_
+
+        return lambda momentum: ema_update_(objective.teacher, objective.student, momentum)
+    return TeacherEMA(objective.teacher, objective.student)
+
+
 def loop_step(module, optimizer, batches: list[dict], variant: Variant, device: torch.device) -> Callable[[int], None]:
     """One iteration of DINOv2's train loop on vitreg's objective (DINOv2Module's order and hooks)."""
-    from vitreg.ssl.ema import ema_update_
     from vitreg.ssl.param_groups import apply_schedules
 
     objective, schedules, clip = module.objective, module.schedules, module.cfg.optim.clip_grad
+    ema = teacher_ema(objective)
 
     def step(it: int) -> None:
         apply_schedules(optimizer, lr=schedules.lr(it), wd=schedules.wd(it), last_layer_lr=schedules.last_layer_lr(it))
@@ -379,7 +390,7 @@ def loop_step(module, optimizer, batches: list[dict], variant: Variant, device: 
         for sub in objective.student.values():
             torch.nn.utils.clip_grad_norm_(sub.parameters(), clip)
         optimizer.step()
-        ema_update_(objective.teacher, objective.student, schedules.momentum(it))
+        ema(schedules.momentum(it))
         if not math.isfinite(terms["loss"].item()):  # DINOv2's loop reads its losses once per step
             raise FloatingPointError(f"step {it}: non-finite loss")
 
