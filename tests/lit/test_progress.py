@@ -60,7 +60,11 @@ def test_perf_metrics_reach_the_csv_every_n_steps(tmp_path):
         extra_callbacks=[SlowBetweenSteps(pause)],
     )
     with open(f"{summary['logs']}/metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("perf/step_s")]
+        every = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in every]
+    assert steps == sorted(set(steps))  # one row per step: perf/* share the losses' row
+    rows = [r for r in every if r.get("perf/step_s")]
+    assert all(r["train/loss"] for r in rows)
     # logging steps 2, 4, 6; the first window only opens (step 1 is warm-up), each later one is read a
     # step late: rows at the 0-based steps of the batches logged at global steps 4 and 6
     assert [int(r["step"]) for r in rows] == [3, 5]

@@ -28,6 +28,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from vitreg.lit.callbacks import is_logging_step
+
 GIB = 2**30
 
 # Dense bf16 peak FLOP/s (no sparsity) by CUDA device name; MFU is left out on devices not listed.
@@ -79,12 +81,6 @@ class Clock:
         return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
 
 
-def logs_this_step(trainer: L.Trainer) -> bool:
-    """Whether Lightning sends this step's metrics to the loggers (every ``trainer.log_every_n_steps``),
-    so the figures printed or logged here come with a fresh loss."""
-    return trainer._logger_connector.should_update_logs
-
-
 class PerfMonitor(L.Callback):
     """Logs the ``perf/*`` metrics (module docstring) to every logger, on global rank 0 only.
 
@@ -121,13 +117,15 @@ class PerfMonitor(L.Callback):
         if self._clock is None or not trainer.is_global_zero or not self._steps:
             return
         self._steps[-1][1] = self._clock.mark()
-        if not logs_this_step(trainer):
+        if not is_logging_step(trainer):
             return
         metrics = self.read(trainer)
         if metrics:
-            # the row of the batch just trained, as Lightning's own scalars (global_step is already one on)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step - 1)
+            # through the module, so Lightning writes them in the same row (CSV) and at the same step as the
+            # losses; as CPU tensors, which Lightning keeps where they are (a Python number would be copied
+            # to the training device, and read back by the logger)
+            cpu = {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+            pl_module.log_dict(cpu, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
 
     def read(self, trainer: L.Trainer) -> dict[str, float]:
         """The window's metrics (empty when it holds no step yet); closes the window. Call on logging

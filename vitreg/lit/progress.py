@@ -18,7 +18,8 @@ from typing import Any, TextIO
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
-from vitreg.lit.perf import PerfMonitor, logs_this_step
+from vitreg.lit.callbacks import is_logging_step
+from vitreg.lit.perf import PerfMonitor
 
 MODES = ("auto", "bar", "lines")
 
@@ -102,7 +103,7 @@ class LineProgress(ProgressBar):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._enabled or not trainer.is_global_zero or not logs_this_step(trainer):
+        if not self._enabled or not trainer.is_global_zero or not is_logging_step(trainer):
             return
         perf = self.perf.read(trainer)
         total = trainer.max_steps if trainer.max_steps > 0 else 0
