@@ -9,14 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch._dynamo as dynamo
 
 from tests.conftest import TINY, compose_config
+from tests.lit.test_module import fit as module_fit
 from vitreg.lit.compile import COMPILE_BACKEND_ENV, compile_blocks, compile_objective, compile_wanted, is_compiled
-from vitreg.lit.data import SyntheticDataModule
 from vitreg.lit.module import DINOv2Module, backbone_config, build_objective
 from vitreg.models import build_vit
 
@@ -36,20 +35,8 @@ def blocks(module: DINOv2Module) -> list[torch.nn.Module]:
 
 
 def fit(cfg, steps: int) -> DINOv2Module:
-    torch.manual_seed(0)
-    module = DINOv2Module(cfg)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=cfg.optim.clip_grad,
-        use_distributed_sampler=False,
-    )
-    trainer.fit(module, datamodule=SyntheticDataModule(cfg))
-    return module
+    torch.manual_seed(0)  # the same initial weights for the eager and the compiled run
+    return module_fit(cfg, steps)[1]
 
 
 def test_null_means_on_with_cuda_only():
