@@ -167,23 +167,16 @@ def test_cli_says_what_is_wrong_with_the_data(tmp_path):
         f"paths.output_root={tmp_path / 'out'}",
         f"paths.cache_dir={tmp_path / 'cache'}",
     ]
-    absent = subprocess.run(
-        [*common, f"data.webdataset.shards='{tmp_path}/absent-{{000000..000001}}.tar'"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def run(shards: str) -> subprocess.CompletedProcess:
+        pattern = f"data.webdataset.shards='{tmp_path}/{shards}-{{000000..000001}}.tar'"
+        return subprocess.run([*common, pattern], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    absent = run("absent")
     assert absent.returncode == 1
     assert "config error: data.webdataset.shards: none of the 2 shards" in absent.stderr
     assert "Traceback" not in absent.stderr
-    small = subprocess.run(
-        [*common, f"data.webdataset.shards='{tmp_path}/tiny-{{000000..000001}}.tar'"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    small = run("tiny")
     assert small.returncode == 1
     last = small.stderr.strip().splitlines()[-1]
     assert last.startswith("data error: the data stream of rank 0, loader worker 0 found no usable sample")

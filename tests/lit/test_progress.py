@@ -80,17 +80,22 @@ def test_perf_metrics_reach_the_csv_every_n_steps(tmp_path):
         assert "perf/mfu" not in r or not r["perf/mfu"]  # no FLOPs figure, no device peak on CPU
 
 
+def lines_cfg(tmp_path):
+    """Six steps, a progress line every third, in lines mode."""
+    return tiny(
+        tmp_path,
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=3",
+        "trainer.enable_progress_bar=true",
+        "trainer.progress=lines",
+    )
+
+
 @pytest.mark.slow
 def test_lines_mode_prints_one_line_per_n_steps_and_no_carriage_return(tmp_path, capfd):
     watch = Callbacks()
     pretrain(
-        tiny(
-            tmp_path,
-            "trainer.max_steps=6",
-            "trainer.log_every_n_steps=3",
-            "trainer.enable_progress_bar=true",
-            "trainer.progress=lines",
-        ),
+        lines_cfg(tmp_path),
         extra_callbacks=[watch],
     )
     out, err = capfd.readouterr()
@@ -182,15 +187,7 @@ def test_no_host_sync_from_these_callbacks_on_steps_that_do_not_log(tmp_path, mo
         (LineProgress, "on_train_batch_end"),
     ]:
         counted(cls, hook)
-    pretrain(
-        tiny(
-            tmp_path,
-            "trainer.max_steps=6",
-            "trainer.log_every_n_steps=3",
-            "trainer.enable_progress_bar=true",
-            "trainer.progress=lines",
-        )
-    )
+    pretrain(lines_cfg(tmp_path))
     # batch start sees global_step 0..5, batch end 1..6 (the step is counted by then); steps 3, 6 log
     assert len(syncs) == 18
     for (hook, step), calls in syncs.items():

@@ -212,7 +212,8 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     summary = {
         "run_dir": str(run_dir),
         "config": str(run_dir / "config.yaml"),
-        "checkpoint": str(newest_good_checkpoint(checkpoint_dir(run_dir)) or last_checkpoint_path(run_dir)),
+        # the newest by step, from the metadata alone: this run just wrote it, so no checksum pass over its tensors
+        "checkpoint": str(next(iter(resume_candidates(checkpoint_dir(run_dir))), last_checkpoint_path(run_dir))),
         "logs": str(run_dir / "logs") if cfg.logger.kind == "csv" else str(run_dir),
         "steps": trainer.global_step,
         "skipped_steps": module.skipped_steps,
