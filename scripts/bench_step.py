@@ -58,7 +58,6 @@ TINY = [
       for key, value in (("head_n_prototypes", 256), ("head_hidden_dim", 128), ("head_bottleneck_dim", 64))),
 ]  # fmt: skip
 # Dense bf16 peak FLOP/s by device name (first match wins: PCIe before the SXM default).
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12)]
 RUNNERS, PRECISIONS, ADAMWS = ("loop", "lightning"), ("fp32", "bf16"), ("foreach", "fused")
 OFFICIAL = "official"
 
@@ -216,10 +215,9 @@ def flops_per_image(args: argparse.Namespace, cfg: DictConfig, batch: dict, user
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+    from vitreg.lit.perf import peak_flops
+
+    return peak_flops(device)  # the one table of device peaks, shared with the training's perf/mfu
 
 
 # ------------------------------------------------------------------ device helpers
