@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,16 @@ from vitreg.utils.io import atomic_write_bytes
 TELEMETRY_DIR = "telemetry"
 RECORDS = "telemetry.jsonl"
 PROBE_IMAGES = "probe_images.npz"
+# Logged as emergence_layer/<detector> while no layer has emerged: a panel needs a value from step 0,
+# and no real layer is negative. The JSON records keep null.
+NO_EMERGENCE = -1.0
 
 
 def telemetry_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / TELEMETRY_DIR
+
+
+MAPS_NAME = re.compile(r"step(?P<step>\d+)_(?P<model>.+)_r(?P<resolution>\d+)\.npz")
 
 
 def maps_path(root: Path, step: int, model: str, resolution: int) -> Path:
@@ -83,10 +90,33 @@ def read_records(run_or_telemetry_dir: str | os.PathLike) -> list[dict]:
     return sorted(latest.values(), key=lambda r: (r["step"], r["model"], r["resolution"]))
 
 
+def available_maps(root: Path) -> list[tuple[int, str, int]]:
+    """(step, model, resolution) of every maps file under ``root`` (a telemetry dir), sorted."""
+    found = []
+    for path in (root / "maps").glob("step*_*_r*.npz"):
+        match = MAPS_NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match["step"]), match["model"], int(match["resolution"])))
+    return sorted(found)
+
+
 def read_maps(run_or_telemetry_dir: str | os.PathLike, step: int, model: str, resolution: int) -> dict[str, np.ndarray]:
+    """The maps measured at (step, model, resolution); a missing one raises FileNotFoundError listing
+    what was measured, since the steps depend on the cadence and the end of training."""
     root = Path(run_or_telemetry_dir)
     root = root if (root / "maps").exists() else telemetry_dir(root)
-    with np.load(maps_path(root, step, model, resolution)) as data:
+    path = maps_path(root, step, model, resolution)
+    if not path.exists():
+        have = available_maps(root)
+        if not have:
+            raise FileNotFoundError(f"no telemetry maps under {root / 'maps'}; was telemetry enabled for this run?")
+        steps = sorted({s for s, m, r in have if (m, r) == (model, resolution)})
+        others = sorted({(m, r) for _, m, r in have})
+        raise FileNotFoundError(
+            f"no maps at step {step} for model={model!r}, resolution={resolution} under {root / 'maps'}; "
+            f"steps with maps for it: {steps or 'none'}; measured (model, resolution): {others}"
+        )
+    with np.load(path) as data:
         return {k: data[k] for k in data.files}
 
 
@@ -99,7 +129,8 @@ def scalar_summary(record: dict, prefix: str) -> dict[str, float]:
 
     Last-layer norms and outlier fractions of every detector, the emergence layer per detector, the
     headline detector's outlier fraction and p99 norm per layer, last-block attention, register
-    health and redundancy. Missing values (no registers, no outliers) are left out."""
+    health and redundancy. The emergence layer is ``NO_EMERGENCE`` (-1) while there is none; other
+    missing values (no registers, no outliers) are left out."""
     out: dict[str, float] = {}
     stream = record["stream"]
     norms = record["norms"]
@@ -111,8 +142,7 @@ def scalar_summary(record: dict, prefix: str) -> dict[str, float]:
         if _finite(values["register_fraction"][-1]):
             out[f"{prefix}/last/register_outlier_frac/{detector}"] = values["register_fraction"][-1]
     for detector, layer in record["emergence_layer"].items():
-        if layer is not None:
-            out[f"{prefix}/emergence_layer/{detector}"] = float(layer)
+        out[f"{prefix}/emergence_layer/{detector}"] = NO_EMERGENCE if layer is None else float(layer)
     head = record["outliers"][record["detector"]]["patch_fraction"]
     for layer, fraction in enumerate(head):
         out[f"{prefix}/layer{layer:02d}/outlier_frac"] = fraction
