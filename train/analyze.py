@@ -25,6 +25,7 @@ from vitreg.config import ConfigError, register_configs, validate_analyze_config
 from vitreg.eval.summary import summary_lines
 from vitreg.eval.tasks import run_task
 from vitreg.lit.telemetry import telemetry_settings
+from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import init_distributed, shutdown_distributed
 from vitreg.telemetry.analyze import analyze_checkpoint
 
@@ -63,6 +64,7 @@ def main(cfg: DictConfig) -> None:
         telemetry(cfg, out)
         return
     info, device = init_distributed(cfg.device)
+    quiet_other_ranks(info.rank)  # one copy of each info line and progress report, not one per process
     try:
         path, payload = run_task(OmegaConf.to_container(cfg, resolve=True), out, device)
     except ValueError as err:  # bad data or settings found while reading them: say what, not a traceback

@@ -35,6 +35,7 @@ from vitreg.lit.resume import ExactResume, restore_wandb_id
 from vitreg.lit.resume_check import check_resume_config
 from vitreg.lit.strategies import build_strategy
 from vitreg.lit.telemetry import ArtifactTelemetry
+from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import check_launcher
 from vitreg.runtime.signals import PreemptionHandler, slurm_plugins
 from vitreg.utils.io import atomic_write_bytes, remove_stale_temp_files
@@ -138,6 +139,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     """Train; returns a summary (paths, steps, online probe accuracies, telemetry cost). ``extra_callbacks``
     join the configured ones (benchmarks, tests)."""
     validate_config(cfg)
+    quiet_other_ranks()  # probe lines, "resuming from"...: rank 0 prints them, the others keep warnings
     check_launcher(cfg.trainer.num_nodes, cfg.trainer.devices, os.environ)  # not a silent 30-minute wait
     run_dir = Path(cfg.paths.run_dir)
     if is_global_zero_process():  # no writer is active yet: what a killed write left is garbage

@@ -241,7 +241,8 @@ class OnlineKNN(L.Callback):
         _log_metrics(trainer, {f"val/knn_{name}": v for name, v in metrics.items()}, step)
         chance = f" (chance {100 * self.chance:.1f}%)" if self.chance else ""
         shown = ", ".join(f"k={k}: {top1[k]:.1f}%" for k in self.ks)
-        log.info("kNN top-1 of the teacher at step %d: %s%s", step, shown, chance)
+        if trainer.is_global_zero:  # every rank computes the same numbers: one line per run
+            log.info("kNN top-1 of the teacher at step %d: %s%s", step, shown, chance)
         return metrics
 
     def _measured_steps(self) -> list[int]:
@@ -410,7 +411,8 @@ class OnlineLinearProbe(L.Callback):
         top1 = self.top1(feats, labels)
         self.results["history"].append((step, top1))
         _log_metrics(trainer, {"val/linear_top1": top1}, step)
-        log.info("linear probe top-1 on the val probe set at step %d: %.1f%%", step, top1)
+        if trainer.is_global_zero:
+            log.info("linear probe top-1 on the val probe set at step %d: %.1f%%", step, top1)
         return top1
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
