@@ -27,6 +27,7 @@ from vitreg.eval.tasks import run_task
 from vitreg.lit.telemetry import telemetry_settings
 from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import init_distributed, shutdown_distributed
+from vitreg.runtime.report_dir import default_report_dir, link_last
 from vitreg.telemetry.analyze import analyze_checkpoint
 
 register_configs()
@@ -46,20 +47,14 @@ def quote_path_overrides(argv: list[str]) -> list[str]:
     return quoted
 
 
-def default_out(checkpoint: str) -> Path:
-    path = Path(checkpoint)
-    if path.parent.name == "checkpoints":  # a vitreg run: keep the analysis in its run directory
-        return path.parent.parent / "analysis" / path.stem
-    return Path("outputs") / "analysis" / path.stem
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
 def main(cfg: DictConfig) -> None:
     try:
         validate_analyze_config(cfg)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint)
+    # a run's checkpoint: <run_dir>/analysis/step<N> by the step inside (last.ckpt changes), `last` links the newest
+    out = Path(cfg.out) if cfg.out else default_report_dir(cfg.checkpoint)
     if cfg.task == "telemetry":
         telemetry(cfg, out)
         return
@@ -72,6 +67,7 @@ def main(cfg: DictConfig) -> None:
     finally:
         shutdown_distributed()
     if info.is_main:
+        link_last(out)
         print(
             f"\n{cfg.task} of {Path(cfg.checkpoint).name} ({payload['source']}, {payload['seconds']:.1f} s) -> {path}"
         )
@@ -93,6 +89,7 @@ def telemetry(cfg: DictConfig, out: Path) -> None:
         chunk_size=cfg.telemetry.chunk_size,
         seed=cfg.seed,
     )
+    link_last(out)
     for res, report in summary["reports"].items():
         data = json.loads(Path(report["json"]).read_text())
         s = data["summary"]
