@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vitreg.config import ConfigError, register_configs, validate_analyze_config
+from vitreg.eval.progress import set_progress
 from vitreg.eval.summary import summary_lines
 from vitreg.eval.tasks import run_task
 from vitreg.lit.telemetry import telemetry_settings
@@ -59,7 +60,8 @@ def main(cfg: DictConfig) -> None:
         telemetry(cfg, out)
         return
     info, device = init_distributed(cfg.device)
-    quiet_other_ranks(info.rank)  # one copy of each info line and progress report, not one per process
+    quiet_other_ranks(info.rank)  # one copy of each info line, not one per process
+    set_progress(cfg.progress)  # bars or lines for the long loops (rank 0 only)
     try:
         path, payload = run_task(OmegaConf.to_container(cfg, resolve=True), out, device)
     except ValueError as err:  # bad data or settings found while reading them: say what, not a traceback

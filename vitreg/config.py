@@ -416,6 +416,7 @@ class AnalyzeConfig:
     device: str | None = None
     seed: int = 0
     autocast: str | None = None  # null: bf16 on CUDA, none on CPU; or float32 | bfloat16 | float16
+    progress: str = "auto"  # auto: a bar on a terminal, lines otherwise | bar | lines | off
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     knn: KNNEvalConfig = field(default_factory=KNNEvalConfig)
@@ -870,6 +871,8 @@ def validate_analyze_config(c: DictConfig) -> None:
         _fail("telemetry.detector", f"must be fixed, robust_z or valley, got {t.detector!r}")
     if c.autocast not in (None, "float32", "bfloat16", "float16"):
         _fail("autocast", f"must be null, float32, bfloat16 or float16, got {c.autocast!r}")
+    if c.progress not in ("auto", "bar", "lines", "off"):
+        _fail("progress", f"must be auto, bar, lines or off, got {c.progress!r}")
     _validate_eval_sections(c)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from vitreg.eval.distributed import all_reduce_sum_, gather_in_order, rank_world
+from vitreg.eval.progress import track
 
 
 @dataclass
@@ -98,13 +99,15 @@ def extract_features(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     gather: bool = True,
+    desc: str = "features",
 ) -> Features:
     """Features of every sample of ``loader`` (batches ``(images, labels, indices)``), on the CPU.
 
     The backbone runs in eval mode (its mode is restored after) under ``no_grad`` and, with
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on GPU), autocast. With ``gather`` (default) every rank
     gets all samples in source order, identical for any world size; ``gather=False`` keeps this rank's
-    samples (sorted by index), e.g. for a rank-sharded kNN bank.
+    samples (sorted by index), e.g. for a rank-sharded kNN bank. ``desc`` names the loop in the progress
+    report (``vitreg.eval.progress``).
     """
     device = torch.device(device)
     was_training = backbone.training
@@ -112,7 +115,7 @@ def extract_features(
     cls_rows, mean_rows, label_rows, index_rows = [], [], [], []
     seen = 0
     try:
-        for batch in loader:
+        for batch in track(loader, desc):
             images, labels, indices = _unpack(batch, seen)
             seen += len(images)
             with _autocast(device, autocast_dtype):

@@ -239,8 +239,9 @@ def evaluate_knn(
     "top5"}, "num_train", "num_val", "num_classes", "temperature", "skipped"}`` (percent).
     """
     ks = _checked_ks(ks)
-    bank = _extract_probe_features(backbone, train_loader, device=device, autocast_dtype=autocast_dtype, gather=False)
-    val = _extract_probe_features(backbone, val_loader, device=device, autocast_dtype=autocast_dtype)
+    extract = {"device": device, "autocast_dtype": autocast_dtype}
+    bank = _extract_probe_features(backbone, train_loader, gather=False, desc="kNN bank features", **extract)
+    val = _extract_probe_features(backbone, val_loader, desc="kNN val features", **extract)
     if num_classes is None:
         num_classes = getattr(getattr(train_loader, "dataset", None), "num_classes", None)
     device = torch.device(device)

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from vitreg.eval.data import eval_loader, eval_transform, train_transform
 from vitreg.eval.distributed import all_reduce_mean_, all_reduce_sum_, average_gradients_, rank_world
 from vitreg.eval.features import Features, backbone_features, extract_features, linear_input
+from vitreg.eval.progress import track
 
 DINOV2_LEARNING_RATES: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 DINOV2_N_LAST_BLOCKS: tuple[int, ...] = (1, 4)
@@ -232,7 +233,7 @@ def train_grid(
     optimizer, scheduler = grid.make_optimizer(iterations)
     params = list(grid.parameters())
     losses = []
-    for _ in range(iterations):
+    for _ in track(range(iterations), "linear grid training", unit="iterations"):
         cls, patch_mean, labels = (t.to(device, non_blocking=True) for t in next(batches))
         loss = grid.loss(cls.float(), patch_mean.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -524,11 +525,10 @@ def run_linear_probe(
     if settings.mode == "cached":
         train_loader = eval_loader(train_source, eval_tf, limit=train_limit, split="train", **common)
         num_classes = train_loader.dataset.num_classes if num_classes is None else num_classes
-        train = extract_features(backbone, train_loader, **extract)
+        train = extract_features(backbone, train_loader, desc="linear train features", **extract)
         _check_labels(train.labels, num_classes, "train")
-        val = extract_features(
-            backbone, eval_loader(val_source, eval_tf, limit=val_limit, split="val", **common), **extract
-        )
+        val_loader = eval_loader(val_source, eval_tf, limit=val_limit, split="val", **common)
+        val = extract_features(backbone, val_loader, desc="linear val features", **extract)
         _check_labels(val.labels, num_classes, "val")
         return probe_features(train, val, settings, num_classes=num_classes, device=device)
 
@@ -553,9 +553,8 @@ def run_linear_probe(
     )
     iterations = settings.epochs * settings.iterations_per_epoch
     losses = train_grid(grid, _chain_first(first, batches), iterations, device=device)
-    val = extract_features(
-        backbone, eval_loader(val_source, eval_tf, limit=val_limit, split="val", **common), **extract
-    )
+    val_loader = eval_loader(val_source, eval_tf, limit=val_limit, split="val", **common)
+    val = extract_features(backbone, val_loader, desc="linear val features", **extract)
     _check_labels(val.labels, num_classes, "val")
     table = grid_top1(grid, val, device=device)
     num_train = torch.tensor([len(batches.seen)], dtype=torch.long)

@@ -27,7 +27,6 @@ CorLoc is over the images that could be decoded; unreadable images are skipped a
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 from vitreg.data.decode import DecodeError, decode_image
 from vitreg.data.transforms import normalize as imagenet_normalize
 from vitreg.eval.boxes import Box, BoxedImage, best_iou, load_box_dataset
+from vitreg.eval.progress import TaskProgress
 
 FEATURE_KINDS: tuple[str, ...] = ("k", "q", "v", "out")
 NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "center", "center_l2")
@@ -420,8 +420,11 @@ def _run(
     skipped: list[dict] = []
     was_training = model.training
     model.eval()
+    # progress=False (library default): silent; True: the reporting train/analyze.py set (bar or lines)
+    report = TaskProgress("LOST", len(images), "images", mode=None if progress else "off")
     try:
-        for i, item in enumerate(images):
+        for item in images:
+            report.update()
             try:
                 image = load_rgb(item.path)
             except (OSError, DecodeError) as err:
@@ -437,9 +440,8 @@ def _run(
                         "fallback": found.result.fallback,
                     }
                 )
-            if progress and ((i + 1) % 50 == 0 or i + 1 == len(images)):
-                print(f"LOST: {i + 1}/{len(images)} images ({len(skipped)} skipped)", file=sys.stderr, flush=True)
     finally:
+        report.close()
         model.train(was_training)
     if not per_setting[0]:
         raise ValueError(

@@ -202,7 +202,7 @@ def run_lost(
         "normalize": str(lost["normalize"]),
         "gram_bias": float(lost["gram_bias"]),
     }
-    result = evaluate_lost(model, dataset, **setting, **common)
+    result = evaluate_lost(model, dataset, **setting, **common, progress=True)  # as set_progress says
     result["dataset"] = str(source)
     if lost["sweep"]:
         result["sweep"] = sweep_lost(
@@ -213,6 +213,7 @@ def run_lost(
             biases=[float(v) for v in lost["sweep_biases"]],
             normalizations=[str(v) for v in lost["sweep_normalize"]],
             **common,
+            progress=True,
         )
     if int(lost["num_examples"]) > 0 and rank_world()[0] == 0:
         examples = plot_lost_examples(

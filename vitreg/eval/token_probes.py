@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vitreg.eval.progress import TaskProgress, track
 from vitreg.eval.ridge import (
     accuracy,
     classify,
@@ -154,7 +155,7 @@ def collect_tokens(
     parts: dict[str, list[Tensor]] = {k: [] for k in ("patches", "pixels", "norms", "cls", "registers")}
     grid = None
     try:
-        for x in _batches(images, batch_size):
+        for x in track(_batches(images, batch_size), f"tokens of layer {block}"):
             x = x.to(device)
             patches, cls, regs = model.get_intermediate_layers(
                 x, n=[block], norm=False, return_class_token=True, return_register_tokens=True
@@ -487,11 +488,15 @@ def global_probe(
     strength, reg_name = (C, "C") if classifier == "logistic" else (alpha, "alpha")
     kw = {"classifier": classifier, "num_classes": num_classes, "max_iter": max_iter}
 
+    # one classifier per fit: CLS, `repeats` normal and outlier draws, each register
+    fits = TaskProgress("global probe classifiers", 1 + 2 * repeats + tokens.registers.shape[1], "fits")
+
     def run(features: Tensor, usable: Tensor, strength: float | str) -> tuple[float, float, int, int]:
         tr, te = usable & is_train, usable & ~is_train
         top1, used = _classify_top1(
             features[tr], labels[tr], features[te], labels[te], strength=strength, seed=seed, **kw
         )
+        fits.update()
         return top1, used, int(usable.sum()), int(te.sum())
 
     def repeated(group_mask: Tensor) -> list[tuple[float, float, int, int]]:
@@ -519,6 +524,7 @@ def global_probe(
         enough = (has & is_train).sum() >= 2 and (has & ~is_train).sum() >= 1 and int(has.sum()) >= min_outliers
         if group == "outlier" and not enough:
             out[group] = None
+            fits.update(repeats)  # not fitted: counted as done
             notes.append(
                 f"{int(has.sum())} images have an outlier patch ({int((has & is_train).sum())} train, "
                 f"{int((has & ~is_train).sum())} test; need >= {min_outliers}, >= 2 train and >= 1 test): "
@@ -528,6 +534,7 @@ def global_probe(
         out[group] = summary(repeated(mask))
     for i in range(tokens.registers.shape[1]):
         out[f"register_{i}"] = summary([run(tokens.registers[:, i], everyone, strength)])
+    fits.close()
     result = {
         "global": out,
         "classifier": classifier,
