@@ -38,6 +38,7 @@ from vitreg.lit.telemetry import ArtifactTelemetry
 from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import check_launcher
 from vitreg.runtime.signals import PreemptionHandler, slurm_plugins
+from vitreg.runtime.sweep_summary import write_run_summary
 from vitreg.utils.io import atomic_write_bytes, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,8 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         "skipped_steps": module.skipped_steps,
         "finished": trainer.global_step >= max_steps,
     }
+    loss = trainer.callback_metrics.get("train/loss")  # the last logged value (every log_every_n_steps)
+    summary["final_loss"] = float(loss) if loss is not None else None
     if knn is not None:  # {"before": {"top1_k20": %, ...}, "after": {...}, "history": [(step, {...}), ...]}
         summary["knn"] = knn.results
     if linear is not None:  # {"after": % or None, "history": [(step, %), ...]}
@@ -229,4 +232,6 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         summary["telemetry"] = str(run_dir / "telemetry")
         summary["telemetry_seconds"] = telemetry.seconds
         summary["telemetry_measurements"] = telemetry.measurements
+    if trainer.is_global_zero:  # <run_dir>/summary.json: what a sweep summary reads (vitreg.runtime.sweep_summary)
+        write_run_summary(run_dir, summary)
     return summary
