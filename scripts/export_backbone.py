@@ -1,14 +1,24 @@
-"""Export the teacher backbone of a vitreg run in the official DINOv2 layout, for downstream use.
+"""Export the teacher (or student) backbone of a vitreg run for DINOv2, Hugging Face transformers or timm.
 
-    python scripts/export_backbone.py outputs/demo                       # the run's newest good checkpoint
-    python scripts/export_backbone.py outputs/demo/checkpoints/step0001250.ckpt vitt14_reg4.pth
+    python scripts/export_backbone.py outputs/demo                                   # DINOv2 hub .pth (default)
+    python scripts/export_backbone.py outputs/demo --format hf --out outputs/demo/export/hf
+    python scripts/export_backbone.py outputs/demo --format timm --out outputs/demo/export/vitt14_reg4.safetensors
+    python scripts/export_backbone.py outputs/demo/checkpoints/step0000250.ckpt vitt14_reg4.pth
     python scripts/export_backbone.py outputs/demo --which student --layout chunked
 
-The output (default ``<run_dir>/export/<checkpoint stem>_<which>_<layout>.pth``) loads with
-``vitreg.models.load_dinov2_backbone`` and with DINOv2's own ``load_state_dict`` (hub layout). Only the
-backbone is written (no heads, no optimizer), atomically. DINOv2 files do not record the positional
-interpolation settings; the script prints the ones this model was trained with, so a loader can set
-them (``interpolate_antialias``, ``interpolate_offset``).
+The source is a run directory (its newest intact checkpoint), a vitreg ``.ckpt``, an FSDP2 sharded
+checkpoint directory, or any file ``vitreg.models.load_dinov2_backbone`` reads. Formats:
+- ``dinov2``: a ``.pth`` in DINOv2's layout (``--layout hub|chunked|teacher``), for DINOv2's own
+  ``load_state_dict`` and ``load_dinov2_backbone``. Default output
+  ``<run_dir>/export/<checkpoint stem>_<which>_<layout>.pth``.
+- ``hf``: a folder with ``config.json`` + ``model.safetensors`` for ``transformers.AutoModel.from_pretrained``
+  (``Dinov2WithRegistersModel``, or ``Dinov2Model``). Default ``<run_dir>/export/<stem>_<which>_hf``.
+- ``timm``: a ``.safetensors`` file for ``timm.create_model``; the exact call is printed. Default
+  ``<run_dir>/export/<stem>_<which>_timm.safetensors``.
+Every export also records the model (architecture, FFN, LayerScale, interpolation, image size, source
+run, step, vitreg commit) in ``vitreg_export.json`` beside the file (inside the HF folder). Only the
+backbone is written (no heads, no optimizer), atomically, and the files are read back and compared with
+the model's weights before the script reports success.
 """
 
 from __future__ import annotations
@@ -17,15 +27,21 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitreg.lit.checkpointing import newest_good_checkpoint
-from vitreg.models import load_dinov2_backbone, save_dinov2_checkpoint
+from vitreg.models import load_dinov2_backbone
 from vitreg.models.checkpoint import LAYOUTS, describe
+from vitreg.models.export import FORMATS, export_backbone
 from vitreg.telemetry.analyze import load_backbone
+from vitreg.utils.sharded import is_sharded_checkpoint
 
 
 def resolve_checkpoint(source: Path) -> Path:
+    if is_sharded_checkpoint(source):  # an FSDP2 checkpoint is a directory itself
+        return source
     if source.is_dir():
         folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
         found = newest_good_checkpoint(folder)
@@ -37,38 +53,81 @@ def resolve_checkpoint(source: Path) -> Path:
     return source
 
 
+def default_output(checkpoint: Path, which: str, fmt: str, layout: str) -> Path:
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    stem = f"{checkpoint.stem}_{which}"
+    name = {"dinov2": f"{stem}_{layout}.pth", "hf": f"{stem}_hf", "timm": f"{stem}_timm.safetensors"}[fmt]
+    return run_dir / "export" / name
+
+
+@torch.no_grad()
+def check_round_trip(model: torch.nn.Module, output: Path, exact_weights: bool) -> str | None:
+    """What differs when the written files are read back by vitreg's own readers (None: nothing).
+
+    Weights must be equal, except for timm, whose CLS token carries its position folded in; outputs
+    must be bitwise equal at the native size and at a larger non-square one in every format."""
+    again = load_dinov2_backbone(output)  # heads and interpolation come back from vitreg_export.json
+    if exact_weights:
+        for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+            if not a.equal(b):
+                return f"{name} differs"
+    cfg = model.cfg
+    generator = torch.Generator().manual_seed(0)
+    for h, w in ((cfg.img_size, cfg.img_size), (cfg.img_size + cfg.patch_size, cfg.img_size + 2 * cfg.patch_size)):
+        x = torch.randn(1, cfg.in_chans, h, w, generator=generator)
+        a, b = model.eval().forward_features(x), again.eval().forward_features(x)
+        if not torch.equal(a["x_prenorm"], b["x_prenorm"]):
+            return f"the tokens at {h}x{w} px differ"
+    return None
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", type=Path, help="a run directory or a vitreg .ckpt")
-    parser.add_argument("output", type=Path, nargs="?", help="the .pth to write")
+    parser.add_argument("source", type=Path, help="a run directory, a vitreg .ckpt or a sharded checkpoint directory")
+    parser.add_argument("output", type=Path, nargs="?", help="where to write (same as --out)")
+    parser.add_argument("--out", type=Path, help="the .pth (dinov2), folder (hf) or .safetensors (timm) to write")
+    parser.add_argument("--format", choices=FORMATS, default="dinov2")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    parser.add_argument("--layout", choices=LAYOUTS, default="hub")
+    parser.add_argument("--layout", choices=LAYOUTS, default="hub", help="DINOv2 layout (--format dinov2)")
     parser.add_argument("--block-chunks", type=int, default=4, help="chunks for --layout chunked")
     args = parser.parse_args(argv)
+    if args.output and args.out and args.output != args.out:
+        parser.error(f"two outputs given: {args.output} and --out {args.out}")
+    if args.format != "dinov2" and args.layout != "hub":
+        parser.error("--layout applies to --format dinov2 only")
 
     checkpoint = resolve_checkpoint(args.source)
     loaded = load_backbone(checkpoint, which=args.which)
     model = loaded.model
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    output = args.output or run_dir / "export" / f"{checkpoint.stem}_{args.which}_{args.layout}.pth"
-    save_dinov2_checkpoint(model, output, layout=args.layout, block_chunks=args.block_chunks)
-    # the file must load back through the official-layout reader to the same weights
-    again = load_dinov2_backbone(
-        output,
-        interpolate_antialias=model.cfg.antialias,
-        interpolate_offset=model.cfg.offset,
-        num_heads=model.cfg.num_heads,
-    )
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
-        if not a.equal(b):
-            raise SystemExit(f"error: {name} differs after the round trip through {output}")
+    output = args.out or args.output or default_output(checkpoint, args.which, args.format, args.layout)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    source = {"checkpoint": str(checkpoint.resolve()), "run_dir": run_dir and str(run_dir.resolve())}
+    source.update(which=args.which, step=loaded.step, kind=loaded.source)
+    try:
+        result = export_backbone(model, args.format, output, source, args.layout, args.block_chunks)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    # what was written must read back (through vitreg's own readers) to the very same weights
+    problem = check_round_trip(model, output, exact_weights=args.format != "timm")
+    if problem:
+        raise SystemExit(f"error: {problem} after the round trip through {output}")
     cfg = model.cfg
-    print(f"{describe(cfg)} from {checkpoint} (step {loaded.step}) -> {output} ({args.layout} layout, {args.which})")
+    print(f"{describe(cfg)} from {checkpoint} (step {loaded.step}) -> {output} ({_what(args)}, {args.which})")
     print(
         f"positional interpolation it was trained with: interpolate_antialias={cfg.antialias}, "
         f"interpolate_offset={cfg.offset}, num_heads={cfg.num_heads}"
     )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    prelude = {"hf": "import transformers", "timm": "import timm, torch"}.get(
+        args.format, "from vitreg.models import load_dinov2_backbone"
+    )
+    print(f"load it with:\n  {prelude}\n  {result.usage}")
     return output
+
+
+def _what(args: argparse.Namespace) -> str:
+    return f"{args.layout} layout" if args.format == "dinov2" else f"{args.format} format"
 
 
 if __name__ == "__main__":
