@@ -155,14 +155,14 @@ def plot_attention(runs: list[dict], num_images: int, max_registers: int, model:
             for r in range(min(registers.shape[1], max_registers)):
                 columns.append((f"{run['label']}\nregister {r}", registers[:, r]))
     total = len(columns) + (images is not None)
-    fig = plots.new_figure(1.35 * total + 0.2, 1.35 * n + 0.6)
+    fig = plots.new_figure(1.75 * total + 0.2, 1.35 * n + 0.6)
     axes = fig.subplots(n, total, squeeze=False)
     for i in range(n):
         row = list(axes[i])
         if images is not None:
             plots.show_image(row.pop(0), images[i], "image" if i == 0 else None)
         for (title, heat), ax in zip(columns, row, strict=True):
-            plots.show_map(ax, heat[i], title if i == 0 else None, cmap="viridis")
+            plots.show_map(ax, heat[i], title if i == 0 else None, cmap="viridis", colorbar=True)
     fig.suptitle(f"last-block attention over patches — {model}, {resolution}px", fontsize=8)
     return fig
 

@@ -211,6 +211,8 @@ MISTAKES = [
     (["callbacks.telemetry.every_n_steps=0"], "callbacks.telemetry.every_n_steps"),
     (["callbacks.telemetry.resolutions=[100]"], "callbacks.telemetry.resolutions"),
     (["callbacks.telemetry.models=[ema]"], "callbacks.telemetry.models"),
+    (["callbacks.telemetry.media_style=fast"], "callbacks.telemetry.media_style"),
+    (["callbacks.telemetry.alert_outlier_fraction=1.5"], "callbacks.telemetry.alert_outlier_fraction"),
     (["callbacks.online_knn.enabled=true", "callbacks.online_knn.ks=[0]"], "callbacks.online_knn.ks"),
     (["callbacks.online_linear.enabled=true", "callbacks.online_linear.lr=0"], "callbacks.online_linear.lr"),
     (["logger.kind=tensorboard"], "logger.kind"),

@@ -109,12 +109,12 @@ def _finished_records(file: Path, pb: Any, timeout_s: float = 30.0) -> list[Any]
 
 def read_offline_run(path: str | Path) -> dict:
     """What an offline run recorded: ``run_id``, ``config``, ``history`` (one dict per logged row,
-    media as nested dicts), ``summary``, the run's ``project``/``name``/``group``/``tags``/
+    media as nested dicts), ``summary``, ``alerts`` (title, text, level), the run's ``project``/``name``/``group``/``tags``/
     ``notes``/``job_type``, and ``dir`` (the offline-run dir; media paths are under ``dir/files``)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     file = find_offline_run(path)
-    out: dict[str, Any] = {"dir": file.parent, "run_id": None, "config": {}, "history": [], "summary": {}}
+    out: dict[str, Any] = {"dir": file.parent, "run_id": None, "config": {}, "history": [], "summary": {}, "alerts": []}
     for record in _finished_records(file, pb):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -141,4 +141,6 @@ def read_offline_run(path: str | Path) -> dict:
         elif kind == "summary":
             for item in record.summary.update:
                 _assign(out["summary"], item)
+        elif kind == "alert":
+            out["alerts"].append({"title": record.alert.title, "text": record.alert.text, "level": record.alert.level})
     return out

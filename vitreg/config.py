@@ -237,7 +237,9 @@ class TelemetryConfig:
     emergence_fraction: float = 0.005
     identical_cosine: float = 0.99
     media_every_n_measurements: int = 1
-    media_style: str = "fast"  # fast (numpy tiles) | figures (labelled matplotlib figures, slower)
+    media_style: str = "figures"  # figures (labelled, ~1 s per measurement) | tiles (numpy, ms; high cadences)
+    alerts: bool = True  # W&B alert + log warning when artifacts first emerge / the outlier fraction crosses
+    alert_outlier_fraction: float | None = 0.01  # last-layer patch outlier fraction that alerts; null: never
     num_maps: int = 4
     chunk_size: int = 16
 
@@ -449,7 +451,7 @@ CHOICES = {
     "trainer.ddp.comm_hook": ("none", "bf16"),
     "callbacks.telemetry.stream": ("prenorm", "postnorm"),
     "callbacks.telemetry.detector": ("fixed", "robust_z", "valley"),
-    "callbacks.telemetry.media_style": ("fast", "figures"),
+    "callbacks.telemetry.media_style": ("figures", "tiles"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
 
@@ -808,6 +810,11 @@ def _validate_telemetry(c: DictConfig) -> None:
         _fail("callbacks.telemetry.emergence_fraction", f"must be in [0, 1), got {t.emergence_fraction}")
     if t.robust_z <= 0 or t.fixed_cutoff <= 0:
         _fail("callbacks.telemetry.robust_z", "robust_z and fixed_cutoff must be > 0")
+    if t.alert_outlier_fraction is not None and not 0 < t.alert_outlier_fraction <= 1:
+        _fail(
+            "callbacks.telemetry.alert_outlier_fraction",
+            f"must be in (0, 1] or null (no outlier-fraction alert), got {t.alert_outlier_fraction}",
+        )
 
 
 def _validate_trainer(c: DictConfig) -> None:

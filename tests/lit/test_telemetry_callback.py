@@ -101,7 +101,7 @@ def test_offline_wandb_run_holds_telemetry_scalars_histograms_and_images(tmp_pat
     media = [r for r in history if f"{prefix}/images/emergence" in r]
     assert [r["trainer/global_step"] for r in media] == [0, 2, 3]
     last = media[-1]
-    hist = last[f"{prefix}/hist/patch_norm_prenorm"]
+    hist = last[f"{prefix}/hist/patch_log10_norm_prenorm"]
     assert hist["_type"] == "histogram" and sum(hist["values"]) == 8 * 4  # 8 probe images x 4 patches
     for name in ("emergence", "attention_maps", "position_map", "norm_histograms"):
         image = last[f"{prefix}/images/{name}"]
@@ -109,3 +109,116 @@ def test_offline_wandb_run_holds_telemetry_scalars_histograms_and_images(tmp_pat
         assert (run / "wandb").exists()
     records = read_records(run)
     assert [r["step"] for r in records] == [0, 2, 3]  # the same measurements on disk
+
+
+# -- W&B media and alerts, on a fake run that records its calls ----------------------------------------------
+class FakeRun:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.alerts: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def alert(self, **kwargs) -> None:
+        self.alerts.append(kwargs)
+
+
+def fake_wandb_trainer():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    class CapturingLogger(WandbLogger):
+        def __init__(self) -> None:  # no wandb.init: the run is FakeRun
+            self.run = FakeRun()
+
+        @property
+        def experiment(self):
+            return self.run
+
+    logger = CapturingLogger()
+    return SimpleNamespace(loggers=[logger], is_global_zero=True, global_step=100), logger.run
+
+
+@pytest.fixture(scope="module")
+def planted_measurements():
+    from tests.telemetry.planted import IMG, planted_vit, probe_images
+
+    probe = probe_images(4)
+    out = []
+    for model in (planted_vit(4), planted_vit(4, patches=[0, 9, 27, 63], block=5)):
+        record, maps = measure(model, probe, IMG)
+        record.update(step=100, model="teacher", resolution=IMG)
+        out.append((record, maps))
+    return probe, out
+
+
+def telemetry_callback(tmp_path, *overrides):
+    from vitreg.lit.telemetry import ArtifactTelemetry
+
+    return ArtifactTelemetry(compose_config([*TINY, *overrides], run_dir=tmp_path), tmp_path)
+
+
+def test_default_media_are_labelled_figures_and_histograms_of_log10_norm(tmp_path, planted_measurements):
+    import numpy as np
+
+    probe, [(record, maps), _] = planted_measurements
+    callback = telemetry_callback(tmp_path)
+    assert callback.t.media_style == "figures"
+    trainer, run = fake_wandb_trainer()
+    callback.history = [record]
+    callback._log_media(trainer, "p", record, maps, probe, 100)
+    (row,) = run.rows
+    assert not any(k.startswith("p/hist/patch_norm") for k in row)  # the old key, on log-spaced bins
+    for stream in ("prenorm", "postnorm"):
+        hist = row[f"p/hist/patch_log10_norm_{stream}"].to_json()
+        bins = np.asarray(hist["bins"])
+        np.testing.assert_allclose(bins, np.log10(record["histogram_edges"]))
+        np.testing.assert_allclose(np.diff(bins), np.diff(bins)[0])  # equal widths on W&B's linear axis
+        assert sum(hist["values"]) == 4 * 64
+    assert "attention maps" in row["p/images/attention_maps"]._caption
+    # a figure has axes and white margins; a tile of the same maps is smaller and its caption explains it
+    tiles = telemetry_callback(tmp_path, "callbacks.telemetry.media_style=tiles")._pictures(
+        record, maps, probe, [record]
+    )
+    figures = callback._pictures(record, maps, probe, [record])
+    assert "columns:" in tiles["attention_maps"][1] and figures["attention_maps"][1] == "attention maps"
+
+
+def test_media_style_is_validated_naming_the_key(tmp_path):
+    from vitreg.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"callbacks\.telemetry\.media_style: must be one of \['figures', 'tiles'\]"):
+        validate_config(compose_config([*TINY, "callbacks.telemetry.media_style=fast"], run_dir=tmp_path))
+    with pytest.raises(ConfigError, match=r"callbacks\.telemetry\.alert_outlier_fraction: must be in \(0, 1\]"):
+        validate_config(compose_config([*TINY, "callbacks.telemetry.alert_outlier_fraction=0"], run_dir=tmp_path))
+    validate_config(compose_config([*TINY, "callbacks.telemetry.alert_outlier_fraction=null"], run_dir=tmp_path))
+
+
+def test_alerts_fire_once_per_condition_and_not_again_after_resume(tmp_path, planted_measurements, caplog):
+    _, [(clean, _), (planted, _)] = planted_measurements
+    callback = telemetry_callback(tmp_path)
+    trainer, run = fake_wandb_trainer()
+    with caplog.at_level("WARNING", logger="vitreg.lit.telemetry"):
+        callback._alert(trainer, clean)
+        assert run.alerts == [] and not caplog.records
+        callback._alert(trainer, planted)
+        callback._alert(trainer, {**planted, "step": 150})
+    assert [a["title"] for a in run.alerts] == [
+        "High-norm artifacts emerged (teacher/r112)",
+        "Outlier fraction above 0.01 (teacher/r112)",
+    ]
+    assert all(a["level"] == "WARN" and "step 100" in a["text"] for a in run.alerts)
+    assert len([r for r in caplog.records if "telemetry alert" in r.getMessage()]) == 2
+
+    state = callback.state_dict()  # what the checkpoint holds
+    resumed = telemetry_callback(tmp_path)
+    resumed.load_state_dict(state)
+    trainer, run = fake_wandb_trainer()
+    resumed._alert(trainer, {**planted, "step": 200})
+    assert run.alerts == []
+
+    off = telemetry_callback(tmp_path, "callbacks.telemetry.alerts=false")
+    trainer, run = fake_wandb_trainer()
+    assert off.t.alerts is False  # measure_now skips _alert

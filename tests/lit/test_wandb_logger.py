@@ -17,6 +17,7 @@ from vitreg.lit.wandb_logger import (
     build_wandb_logger,
     log_wandb_media,
     resolve_wandb_mode,
+    send_wandb_alert,
     wandb_group,
     wandb_loggers,
     wandb_name,
@@ -284,3 +285,42 @@ def test_a_tiny_trainer_logs_scalars_and_media_on_one_axis(tmp_path, isolated_wa
     scalars = {r["trainer/global_step"]: r["seen_step"] for r in rows if "seen_step" in r}
     media = sorted(r["trainer/global_step"] for r in rows if "h" in r)
     assert scalars == {0: 0.0, 1: 1.0, 2: 2.0} and media == [0, 1, 2]
+
+
+def test_the_config_is_logged_once_and_alerts_reach_the_offline_run(tmp_path, isolated_wandb):
+    """The resolved config is the run config (top level); the module's ``cfg`` hyperparameter, the same
+    config, is not added again as ``cfg.*``; other hyperparameters are. Alerts are recorded offline."""
+    import lightning as L
+    import torch
+    from omegaconf import OmegaConf
+
+    cfg = wandb_cfg(tmp_path, "logger.wandb.mode=offline")
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True), "world_size": 1})
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    run_dir = tmp_path / "out" / "demo"
+    logger = build_wandb_logger(cfg, run_dir)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 2)), batch_size=1)
+    trainer = L.Trainer(
+        max_steps=1, logger=logger, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False
+    )
+    trainer.fit(Tiny(), train_dataloaders=data)
+    assert send_wandb_alert(trainer, "artifacts", "step 1: layer 6") is True
+    assert send_wandb_alert(SimpleNamespace(loggers=[], is_global_zero=True), "t", "x") is False
+    logger.experiment.finish()
+
+    run = read_offline_run(run_dir)
+    config = {k: v for k, v in run["config"].items() if not k.startswith("_")}
+    assert "cfg" not in config and config["world_size"] == 1
+    assert config["model"]["arch"] == "vitt" and config["registers"] == 4
+    assert run["alerts"] == [{"title": "artifacts", "text": "step 1: layer 6", "level": "WARN"}]

@@ -117,12 +117,22 @@ def test_attention_rows_and_register_columns(runs):
     last = read_records(runs[4])[-1]
     maps = read_maps(runs[4], last["step"], "teacher", SIZE)
     probe = synthetic_probe(6, 64, 0, size=SIZE)
-    fig = plots.attention_maps(probe, maps, SIZE)
-    assert len(fig.axes) == maps["norm"].shape[0] * (1 + 1 + 1 + 4)  # image, norm, CLS, 4 registers
+    n = maps["norm"].shape[0]
+    fig = plots.attention_maps(probe, maps, SIZE, colorbars=False)
+    assert len(fig.axes) == n * (1 + 1 + 1 + 4)  # image, norm, CLS, 4 registers
+    plots.close(fig)
+    fig = plots.attention_maps(probe, maps, SIZE)  # by default one colour bar per map column
+    assert len(fig.axes) == (n + 1) * (1 + 1 + 1 + 4)  # a row of colour bars (none under the images)
+    assert not fig.axes[n * 7].axison
+    bars = fig.axes[n * 7 + 1 :]
+    assert [b.get_xlabel() for b in bars] == ["L2 norm"] + ["attention"] * 5
+    norm_images = [ax.images[0] for ax in fig.axes[: n * 7] if ax.get_images() and ax.images[0].cmap.name == "inferno"]
+    assert len(norm_images) == n and len({im.get_clim() for im in norm_images}) == 1  # the column's shared scale
+    assert norm_images[0].get_clim() == (float(maps["norm"].min()), float(maps["norm"].max()))
     plots.close(fig)
     no_attention = {k: v for k, v in maps.items() if k in ("norm", "outliers")}
     fig = plots.attention_maps(probe.permute(0, 2, 3, 1).numpy(), no_attention)
-    assert len(fig.axes) == maps["norm"].shape[0] * 2
+    assert len(fig.axes) == (n + 1) * 2  # image and norm map, the norm column's colour bar
     plots.close(fig)
 
 

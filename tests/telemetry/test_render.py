@@ -78,7 +78,7 @@ def test_callback_draws_both_media_styles(measured):
     from vitreg.lit.telemetry import ArtifactTelemetry
 
     probe, history, maps = measured
-    for style in ("fast", "figures"):
+    for style in ("tiles", "figures"):
         callback = ArtifactTelemetry.__new__(ArtifactTelemetry)
         callback.t = OmegaConf.structured(TelemetryConfig(media_style=style))
         pictures = callback._pictures(history[-1], maps, probe, history)

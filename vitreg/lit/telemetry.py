@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from vitreg.lit.strategies import is_sharded, unsharded_copy
+from vitreg.telemetry.alerts import due_alerts
 from vitreg.telemetry.detectors import DetectorSettings
 from vitreg.telemetry.measure import measure
 from vitreg.telemetry.probe import image_probe, load_probe, save_probe, synthetic_probe
@@ -48,6 +49,8 @@ class ArtifactTelemetry(L.Callback):
     """Measures every ``every_n_steps`` optimizer steps (and at the first and last step), on rank 0,
     in eval mode under no_grad. ``seconds`` accumulates the time spent, for cost accounting.
 
+    Its checkpoint state is the set of alerts already sent, so a resumed run does not repeat them.
+
     Measurements happen in ``on_train_batch_start``: at that point step ``s`` means ``s`` optimizer
     steps *and* ``s`` EMA updates are done, so the teacher measured at step s is exactly the one
     a checkpoint at step s holds.
@@ -65,6 +68,14 @@ class ArtifactTelemetry(L.Callback):
         self.last_step: int | None = None
         self.measurements = 0
         self.seconds = 0.0
+        self.alerts_fired: set[str] = set()
+
+    # -- checkpoint state --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"alerts_fired": sorted(self.alerts_fired)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.alerts_fired = set(state_dict.get("alerts_fired", ()))
 
     # -- setup -------------------------------------------------------------------------------------
     def _ensure_probe(self) -> Tensor:
@@ -137,6 +148,8 @@ class ArtifactTelemetry(L.Callback):
                     logger.log_metrics(scalars, step=step)
                 if self.measurements % self.t.media_every_n_measurements == 0:
                     self._log_media(trainer, prefix, record, maps, probe, step)
+                if self.t.alerts:
+                    self._alert(trainer, record)
                 records.append(record)
         self.measurements += 1
         elapsed = time.perf_counter() - start
@@ -144,26 +157,40 @@ class ArtifactTelemetry(L.Callback):
         log.debug("telemetry at step %d took %.2fs", step, elapsed)
         return records
 
+    def _alert(self, trainer: L.Trainer, record: dict) -> None:
+        """A log warning and a W&B alert for each condition that holds for the first time in this run."""
+        from vitreg.lit.wandb_logger import send_wandb_alert
+
+        for alert in due_alerts(record, self.t.alert_outlier_fraction, self.alerts_fired):
+            self.alerts_fired.add(alert.key)
+            log.warning("telemetry alert: %s: %s", alert.title, alert.text)
+            send_wandb_alert(trainer, alert.title, alert.text)
+
     def _log_media(self, trainer: L.Trainer, prefix: str, record: dict, maps: dict, probe: Tensor, step: int) -> None:
+        from vitreg.lit.tensorboard_logger import log_tensorboard_media, tensorboard_loggers
         from vitreg.lit.wandb_logger import log_wandb_media, wandb_loggers
 
-        if not wandb_loggers(trainer):
-            return  # only W&B shows pictures; the telemetry files hold the same data
+        if not wandb_loggers(trainer) and not tensorboard_loggers(trainer):
+            return  # only W&B and TensorBoard show pictures; the telemetry files hold the same data
         import numpy as np
 
-        edges = np.asarray(record["histogram_edges"])
+        # The bins are log-spaced and W&B draws histograms on a linear axis: as a histogram of
+        # log10(norm) the same counts get equal-width bins (the key says log10).
+        log_edges = np.log10(np.asarray(record["histogram_edges"], dtype=np.float64))
         media: dict[str, object] = {}
         for stream in ("prenorm", "postnorm"):
             counts = np.asarray(record["norms"][stream]["histogram"][-1])
-            media[f"{prefix}/hist/patch_norm_{stream}"] = ("histogram", counts, edges)
+            media[f"{prefix}/hist/patch_log10_norm_{stream}"] = ("histogram", counts, log_edges)
         history = [r for r in self.history if r["model"] == record["model"] and r["resolution"] == record["resolution"]]
         for name, (image, caption) in self._pictures(record, maps, probe, history).items():
             media[f"{prefix}/images/{name}"] = ("image", image, f"step {step}: {caption}")
         log_wandb_media(trainer, media, step)
+        log_tensorboard_media(trainer, media, step)
 
     def _pictures(self, record: dict, maps: dict, probe: Tensor, history: list[dict]) -> dict[str, tuple]:
-        """name -> (uint8 image, caption). ``fast``: colour-mapped tiles drawn with numpy (milliseconds);
-        ``figures``: labelled matplotlib figures (~0.5-1 s per measurement on a CPU core)."""
+        """name -> (uint8 image, caption). ``figures`` (default): labelled matplotlib figures with axes
+        and colour bars (about a second per measurement on a CPU core); ``tiles``: colour-mapped tiles
+        drawn with numpy in milliseconds, for high cadences (the captions say how to read them)."""
         if self.t.media_style == "figures":
             from vitreg.telemetry import plots
 

@@ -8,6 +8,7 @@
 * ``build_wandb_logger``: name, group and tags derived from the run directory and the config.
 * ``wandb_loggers`` / ``log_wandb_media``: histograms and images from callbacks, on the same
   x-axis (``trainer/global_step``) as Lightning's scalars.
+* ``send_wandb_alert``: a W&B alert (e-mail / Slack per the user's W&B settings) from a callback.
 """
 
 from __future__ import annotations
@@ -213,6 +214,20 @@ def _finish_leftover_run() -> None:
         wandb.finish()
 
 
+class RunWandbLogger(WandbLogger):
+    """A WandbLogger whose run config is the resolved config given at ``wandb.init``, once.
+
+    Lightning also logs the module's hyperparameters, which hold the same config under ``cfg``: W&B
+    would show every key twice (``model.arch`` and ``cfg.model.arch``). Only the rest is added."""
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        params = dict(params) if isinstance(params, Mapping) else vars(params)
+        params.pop("cfg", None)  # already the run config, from build_wandb_logger
+        if params:
+            super().log_hyperparams(params)
+
+
 def build_wandb_logger(cfg: DictConfig, run_dir: Path | str) -> WandbLogger:
     """The WandbLogger of a run (``logger=wandb``); the W&B run starts lazily, on rank 0 only."""
     run_dir = Path(run_dir)
@@ -220,7 +235,7 @@ def build_wandb_logger(cfg: DictConfig, run_dir: Path | str) -> WandbLogger:
     mode, reason = resolve_wandb_mode(w.mode, os.environ)
     _report_mode(w.mode, mode, reason, run_dir)
     _finish_leftover_run()
-    logger = WandbLogger(
+    logger = RunWandbLogger(
         project=w.project,
         entity=w.entity,
         name=wandb_name(cfg, run_dir),
@@ -289,3 +304,15 @@ def log_wandb_media(trainer: Any, media: dict[str, object], step: int) -> None:
         # Scalars and media land in separate rows that share trainer/global_step, the x-axis that
         # Lightning's define_metric("*", step_metric=...) gives every chart.
         logger.experiment.log({**payload, STEP_KEY: int(step)})
+
+
+def send_wandb_alert(trainer: Any, title: str, text: str) -> bool:
+    """A WARN-level ``wandb.alert`` on every WandbLogger of ``trainer`` (rank 0); False when none.
+
+    Offline runs record the alert in their log; W&B sends it when the run is synced."""
+    if not getattr(trainer, "is_global_zero", True):
+        return False
+    loggers = wandb_loggers(trainer)
+    for logger in loggers:
+        logger.experiment.alert(title=title, text=text, level="WARN")
+    return bool(loggers)
