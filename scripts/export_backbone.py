@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher")
     parser.add_argument("--layout", choices=LAYOUTS, default="hub", help="DINOv2 layout (--format dinov2)")
     parser.add_argument("--block-chunks", type=int, default=4, help="chunks for --layout chunked")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # the output may follow the options
     if args.output and args.out and args.output != args.out:
         parser.error(f"two outputs given: {args.output} and --out {args.out}")
     if args.format != "dinov2" and args.layout != "hub":
