@@ -215,7 +215,8 @@ MISTAKES = [
     (["callbacks.telemetry.alert_outlier_fraction=1.5"], "callbacks.telemetry.alert_outlier_fraction"),
     (["callbacks.online_knn.enabled=true", "callbacks.online_knn.ks=[0]"], "callbacks.online_knn.ks"),
     (["callbacks.online_linear.enabled=true", "callbacks.online_linear.lr=0"], "callbacks.online_linear.lr"),
-    (["logger.kind=tensorboard"], "logger.kind"),
+    (["logger.kind=mlflow"], "logger.kind"),
+    (["+logger.enabled.tensorbord=true"], "logger.enabled.tensorbord"),
     (["logger.wandb.id=a/b"], "logger.wandb.id"),
 ]
 

@@ -215,8 +215,21 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: str = "csv"  # csv | wandb | none
+    # Which loggers run: the conf/logger group files each enable theirs, so logger=[csv,wandb] runs both.
+    enabled: dict[str, bool] = field(default_factory=dict)  # csv | tensorboard | wandb -> on
+    kind: str | None = None  # one logger instead of `enabled` (csv | tensorboard | wandb | none); older overrides
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+LOGGERS = ("csv", "tensorboard", "wandb")  # the order they are built in
+
+
+def active_loggers(logger: Any) -> list[str]:
+    """The loggers a run builds, in ``LOGGERS`` order: ``logger.kind`` when set (``none``: no logger), else
+    the names ``logger.enabled`` switches on."""
+    if logger.kind is not None:
+        return [] if logger.kind == "none" else [logger.kind]
+    return [name for name in LOGGERS if (logger.enabled or {}).get(name)]
 
 
 @dataclass
@@ -441,7 +454,7 @@ CHOICES = {
     "ssl.centering": ("centering", "sinkhorn_knopp"),
     "ssl.on_nonfinite": ("raise", "skip"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "none"),
-    "logger.kind": ("csv", "wandb", "none"),
+    "logger.kind": (None, "csv", "tensorboard", "wandb", "none"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "model.attn_backend": ("auto", "sdpa", "xformers", "math"),
     "data.name": ("synthetic", "webdataset"),
@@ -589,6 +602,19 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
     _validate_checkpoints(c)
     _validate_runtime(c)
     _validate_trainer(c)
+    _validate_loggers(c)
+
+
+def _validate_loggers(c: DictConfig) -> None:
+    import importlib.util
+
+    for name in c.logger.enabled or {}:
+        if name not in LOGGERS:
+            _fail(f"logger.enabled.{name}", f"unknown logger; choose from {list(LOGGERS)}, e.g. logger=[csv,tensorboard]")
+    if "tensorboard" in active_loggers(c.logger) and not any(
+        importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
+    ):
+        _fail("logger", "logger=tensorboard needs the tensorboard package: pip install 'vitreg[tensorboard]'")
 
 
 def _validate_ranges(c: DictConfig) -> None:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from vitreg.config import validate_config
+from vitreg.config import active_loggers, validate_config
 from vitreg.lit.callbacks import DataHealth
 from vitreg.lit.checkpointing import (
     AtomicCheckpointIO,
@@ -52,20 +52,32 @@ def resolve_precision(cfg: DictConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "32-true"
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> Logger | bool:
-    """The configured logger. ``resume_step``: the step of the checkpoint being resumed; CSV rows from
-    that step on (logged before a crash, about to be logged again) are dropped, earlier ones kept."""
-    kind = cfg.logger.kind
-    if kind == "none":
-        return False
-    if kind == "csv":
-        # rows reach the disk at every logged step (an appended line), so a crash loses at most one
-        return ResumableCSVLogger(
-            save_dir=str(run_dir), name="logs", version="", drop_from_step=resume_step, flush_logs_every_n_steps=1
-        )
-    from vitreg.lit.wandb_logger import build_wandb_logger
+def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list[Logger] | bool:
+    """The configured loggers (``vitreg.config.active_loggers``: one or several, e.g. ``logger=[csv,wandb]``),
+    or False for none. ``resume_step``: the step of the checkpoint being resumed; CSV rows from that step on
+    (logged before a crash, about to be logged again) are dropped, earlier ones kept."""
+    loggers: list[Logger] = []
+    for kind in active_loggers(cfg.logger):
+        if kind == "csv":
+            # rows reach the disk at every logged step (an appended line), so a crash loses at most one
+            loggers.append(
+                ResumableCSVLogger(
+                    save_dir=str(run_dir),
+                    name="logs",
+                    version="",
+                    drop_from_step=resume_step,
+                    flush_logs_every_n_steps=1,
+                )
+            )
+        elif kind == "tensorboard":
+            from vitreg.lit.tensorboard_logger import build_tensorboard_logger
 
-    return build_wandb_logger(cfg, run_dir)
+            loggers.append(build_tensorboard_logger(run_dir))
+        elif kind == "wandb":
+            from vitreg.lit.wandb_logger import build_wandb_logger
+
+            loggers.append(build_wandb_logger(cfg, run_dir))
+    return loggers or False
 
 
 def finish_wandb(trainer: L.Trainer) -> None:
@@ -185,7 +197,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     if lines:  # a ProgressBar callback: Lightning adds no tqdm bar of its own
         callbacks.append(LineProgress(perf))
     callbacks.extend(extra_callbacks or [])
-    if resume and cfg.logger.kind == "wandb":
+    if resume and "wandb" in active_loggers(cfg.logger):
         restore_wandb_id(resume, run_dir)  # before the logger is built, so it continues the same run
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -217,7 +229,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         "config": str(run_dir / "config.yaml"),
         # the newest by step, from the metadata alone: this run just wrote it, so no checksum pass over its tensors
         "checkpoint": str(next(iter(resume_candidates(checkpoint_dir(run_dir))), last_checkpoint_path(run_dir))),
-        "logs": str(run_dir / "logs") if cfg.logger.kind == "csv" else str(run_dir),
+        "logs": str(run_dir / "logs") if "csv" in active_loggers(cfg.logger) else str(run_dir),
         "steps": trainer.global_step,
         "skipped_steps": module.skipped_steps,
         "finished": trainer.global_step >= max_steps,
