@@ -109,3 +109,16 @@ def test_metadata_that_would_run_code_is_refused_unexecuted(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match=r"not a torch\.distributed\.checkpoint metadata class"):
         load_sharded_tensors(folder, lambda key: True)
     assert not Path("should-never-exist").exists() and not (tmp_path / "should-never-exist").exists()
+
+
+@pytest.mark.slow
+def test_analyze_reports_on_a_sharded_directory(sharded):
+    """Before: 'could not read ... as a weights-only checkpoint (IsADirectoryError ...)'."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(repo / "train" / "analyze.py"), f"checkpoint={sharded}", "num_images=4"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=sharded.parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((sharded.parents[1] / "analysis").rglob("report.json"))
