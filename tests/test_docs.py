@@ -334,3 +334,22 @@ not_a_shell_command()
         check(wrong_value)
     with pytest.raises(AssertionError, match=r"x\.md:8: frobnicate --now\n  no rule checks this command"):
         check(unknown)
+
+
+def test_the_demo_cadence_is_stated_as_configured():
+    """Each "every N steps ... in the demo" / "N in the demo" in the documents is conf/experiment/demo.yaml's."""
+    import yaml
+
+    every = yaml.safe_load((ROOT / "conf/experiment/demo.yaml").read_text())["callbacks"]["telemetry"]["every_n_steps"]
+    pattern = re.compile(
+        r"every (\d+) steps in the demo|(\d+) in the demo\)|demo measures every (\d+)|"
+        r"measures the artifact telemetry every (\d+) steps"
+    )
+    stated = []
+    for path in sorted({p for pattern_ in DOCUMENTS for p in ROOT.glob(pattern_)}):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for match in pattern.finditer(line):
+                value = next(int(g) for g in match.groups() if g)
+                stated.append((f"{path.relative_to(ROOT)}:{number}", value))
+    assert len(stated) >= 3, stated
+    assert [s for s in stated if s[1] != every] == [], f"the demo measures every {every} steps"
