@@ -81,6 +81,9 @@ class IbotConfig(HeadConfig):
     # Official DINOv2 masks the student's global crops even when iBOT is off (loss_weight=0), so
     # mask_token keeps learning and DINO/KoLeo see masked inputs; false: no masking without iBOT.
     mask_when_off: bool = True
+    # Pad the masked tokens to the batch's upperbound (zero weight, out of the target sums), as DINOv2 pads its
+    # head input: static shapes for compile; equal to unpadded up to fp32 summation order.
+    pad_masked_tokens: bool = True
 
 
 @dataclass

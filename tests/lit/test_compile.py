@@ -63,9 +63,34 @@ def test_compiling_is_in_place_once_and_keeps_state_dict_keys():
     keys = list(objective.state_dict())
     assert compile_objective(objective, True, torch.device("cpu"), backend="eager")
     assert all(is_compiled(b) for tree in (objective.student, objective.teacher) for b in tree.backbone.blocks)
-    assert not any(is_compiled(m) for name, m in objective.student.items() if name != "backbone")  # heads eager
+    # padded iBOT (the default): static shapes, so the heads and the loss terms are compiled too
+    heads = [m for tree in (objective.student, objective.teacher) for name, m in tree.items() if name != "backbone"]
+    assert all(is_compiled(m) for m in [*heads, objective.losses])
     assert list(objective.state_dict()) == keys
     assert compile_blocks(objective.student.backbone, torch.device("cpu"), "eager") == 0  # already compiled
+
+
+def test_unpadded_ibot_keeps_heads_and_losses_eager():
+    objective = build_objective(compose_config([*TINY, "ssl.ibot.pad_masked_tokens=false"]))
+    assert compile_objective(objective, True, torch.device("cpu"), backend="eager")
+    heads = [m for name, m in objective.student.items() if name != "backbone"]
+    assert not any(is_compiled(m) for m in [*heads, objective.losses])  # the masked count would recompile them
+
+
+def test_padded_heads_and_losses_compile_whole_and_never_recompile_for_another_masked_count():
+    from tests.ssl.test_objective import make_batch
+
+    cfg = compose_config(TINY)
+    objective = build_objective(cfg)
+    counter = dynamo.testing.CompileCounter()  # fullgraph=True: a graph break would raise instead
+    compile_objective(objective, True, torch.device("cpu"), backend=counter)
+    batch = make_batch(cfg)
+    objective(batch, teacher_temp=0.04)["loss"].backward()
+    traced = counter.frame_count
+    for drop in (1, 2):  # fewer masked tokens, the same upperbound
+        fewer = {**batch, "mask_indices": batch["mask_indices"][:-drop], "masks_weight": batch["masks_weight"][:-drop]}
+        objective(fewer, teacher_temp=0.04)["loss"].backward()
+    assert counter.frame_count == traced
 
 
 def test_per_block_drop_path_rates_compile_without_hitting_the_recompile_limit():

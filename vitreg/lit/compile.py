@@ -3,8 +3,11 @@
 As torchtitan and DINOv3 do: every transformer block is compiled in place (``nn.Module.compile`` with
 ``fullgraph=True, dynamic=False``), so the module tree, parameter names and state-dict keys stay the same:
 checkpoints, the EMA's name matching, param groups and FSDP2's per-block ``fully_shard`` see the modules they
-always saw. Compile before sharding (``DINOv2Module.configure_model``). The heads stay eager: the iBOT head's
-input changes shape with every batch's masked-token count, which would recompile it every step.
+always saw. Compile before sharding (``DINOv2Module.configure_model``). The heads and the loss terms are
+compiled too when their input shapes are static, i.e. when iBOT's masked tokens are padded to the batch's
+upperbound (``ssl.ibot.pad_masked_tokens``, the default); unpadded, the masked count changes every batch and
+would recompile them every step, so they stay eager. The teacher targets (centering, Sinkhorn-Knopp) hold
+collectives and stay eager.
 
 ``trainer.compile``: true / false, or null (the default) for on when training on CUDA. The backend is
 inductor; ``VITREG_COMPILE_BACKEND`` (e.g. ``aot_eager``) replaces it, which the CPU tests use.
@@ -20,6 +23,7 @@ import torch._dynamo
 from torch import nn
 
 from vitreg.models.attention import resolve_attention_kernels
+from vitreg.ssl.objective import DINOv2Objective
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +80,28 @@ def compile_objective(
     backbones = [objective.student.backbone, objective.teacher.backbone]
     _allow_recompiles(backbones)
     newly = sum(compile_blocks(backbone, device, backend) for backbone in backbones)
-    if newly:
+    heads = compile_heads_and_losses(objective, backend)
+    if newly or heads:
         log.info(
-            "torch.compile (%s, fullgraph, static shapes): %d backbone blocks of student and teacher", backend, newly
+            "torch.compile (%s, fullgraph, static shapes): %d backbone blocks of student and teacher, %d heads "
+            "and loss modules",
+            backend,
+            newly,
+            heads,
         )
     return True
+
+
+def compile_heads_and_losses(objective: nn.Module, backend: str = DEFAULT_BACKEND) -> int:
+    """Compile the student's and teacher's heads and the loss terms in place when their shapes are static
+    (no iBOT, or iBOT padded to the upperbound); returns how many were compiled now."""
+    if not isinstance(objective, DINOv2Objective) or (objective.do_ibot and not objective.cfg.pad_masked_tokens):
+        return 0
+    modules = [*objective.student.values(), *objective.teacher.values(), objective.losses]
+    newly = 0
+    for module in modules:
+        if module is objective.student.backbone or module is objective.teacher.backbone or is_compiled(module):
+            continue
+        module.compile(backend=backend, fullgraph=True, dynamic=False)
+        newly += 1
+    return newly

@@ -100,6 +100,7 @@ def build_objective(cfg: DictConfig) -> DINOv2Objective:
         ibot_loss_weight=ibot.loss_weight,
         centering=cfg.ssl.centering,
         mask_when_ibot_off=ibot.get("mask_when_off", True),
+        pad_masked_tokens=ibot.get("pad_masked_tokens", True),
         student_temp=cfg.ssl.student_temp,
         center_momentum=cfg.ssl.center_momentum,
         sinkhorn_iterations=cfg.ssl.sinkhorn_iterations,

@@ -23,6 +23,7 @@ HARMLESS = (
     "model.pretrained_weights",  # only read when a fresh run initialises its student
     "model.attn_backend",  # the same attention, computed by another kernel
     "optim.fused",  # the same AdamW, computed by another kernel
+    "ssl.ibot.pad_masked_tokens",  # the same iBOT loss, up to fp32 summation order
     "data.num_workers",  # exact resume checks the worker count itself (data.exact_resume)
     "data.exact_resume",
     "data.webdataset.max_skip_fraction",

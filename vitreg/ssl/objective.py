@@ -35,6 +35,71 @@ class ObjectiveConfig:
     student_temp: float = 0.1
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
+    # iBOT's masked tokens padded to the batch's ``upperbound`` (zero weight, out of every target sum), as
+    # DINOv2 pads its head input: a static shape for compile. Equal to the unpadded result up to fp32
+    # summation order. False: exactly the masked count (the shape changes every batch).
+    pad_masked_tokens: bool = True
+
+
+@dataclass
+class MaskedTokens:
+    """Where the iBOT tokens sit in the flattened (2B·N) global-crop patches, and their loss weights.
+
+    With padding, ``indices`` and ``weights`` have ``upperbound`` entries: the tail points at token 0 with
+    weight 0, ``valid`` marks the real ones and ``count`` (a host int) counts them. Unpadded, ``valid`` is None.
+    """
+
+    indices: Tensor
+    weights: Tensor
+    valid: Tensor | None
+    count: int
+
+    @classmethod
+    def from_batch(cls, batch: dict, pad: bool) -> MaskedTokens:
+        indices, weights = batch["mask_indices"], batch["masks_weight"]
+        count = indices.shape[0]  # the shape is host metadata: no sync
+        extra = max(int(batch.get("upperbound", 0)) - count, 0) if pad else 0
+        if not pad:
+            return cls(indices, weights, None, count)
+        if extra:
+            indices = torch.cat([indices, indices.new_zeros(extra)])
+            weights = torch.cat([weights, weights.new_zeros(extra)])
+        return cls(indices, weights, weights > 0, count)  # every real token has weight 1/#masked > 0
+
+
+class LossTerms(nn.Module):
+    """The weighted DINO, KoLeo and iBOT terms from head outputs and targets: one module without parameters,
+    so ``vitreg.lit.compile`` can compile it from outside (static shapes once iBOT is padded)."""
+
+    def __init__(self, cfg: ObjectiveConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(
+        self,
+        s_global_cls: Tensor,
+        s_global_logits: Tensor,
+        s_local_logits: Tensor | None,
+        dino_targets: Tensor,
+        patch_logits: Tensor | None,
+        ibot_targets: Tensor | None,
+        masks_weight: Tensor | None,
+    ) -> dict[str, Tensor]:
+        cfg = self.cfg
+        terms: dict[str, Tensor] = {}
+        if cfg.dino_loss_weight > 0:
+            local, glob = dino_loss(s_global_logits, s_local_logits, dino_targets, cfg.student_temp)
+            terms["dino_local_crops_loss"] = cfg.dino_loss_weight * local
+            terms["dino_global_crops_loss"] = cfg.dino_loss_weight * glob
+        if cfg.koleo_loss_weight > 0:
+            views = s_global_cls.chunk(2)
+            terms["koleo_loss"] = cfg.koleo_loss_weight * sum(koleo_loss(v) for v in views)
+        if patch_logits is not None:
+            terms["ibot_loss"] = cfg.ibot_loss_weight * ibot_loss(
+                patch_logits, ibot_targets, masks_weight, n_images=len(s_global_cls), student_temp=cfg.student_temp
+            )
+        terms["loss"] = sum(terms.values(), s_global_cls.sum() * 0)
+        return terms
 
 
 class DINOv2Objective(nn.Module):
@@ -62,6 +127,7 @@ class DINOv2Objective(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         ibot_dim = (ibot_head or dino_head).out_dim
+        self.losses = LossTerms(cfg)
         self.teacher_cls: Tensor | None = None  # the last batch's teacher CLS of the global crops, for probes
         if cfg.centering == "centering":
             self.dino_center = Centering(dino_head.out_dim, cfg.center_momentum)
@@ -82,20 +148,28 @@ class DINOv2Objective(nn.Module):
         return self
 
     # ------------------------------------------------------------------ teacher
-    def _targets(self, logits: Tensor, temp: float, center: str, total_count: Tensor | None = None) -> Tensor:
+    def _targets(
+        self,
+        logits: Tensor,
+        temp: float,
+        center: str,
+        total_count: Tensor | None = None,
+        masked: MaskedTokens | None = None,
+    ) -> Tensor:
+        valid, n_valid = (masked.valid, masked.count) if masked is not None else (None, None)
         if self.cfg.centering == "centering":
             centering: Centering = getattr(self, center)
             probs = centering.targets(logits, temp)
-            centering.stage_update(logits)  # after computing targets: DINOv2's one-step lag
+            centering.stage_update(logits, valid, n_valid)  # after computing targets: DINOv2's one-step lag
             return probs
-        return sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iterations, total_count=total_count)
+        return sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iterations, total_count=total_count, valid=valid)
 
     @torch.no_grad()
-    def _teacher(self, batch: dict, temp: float) -> tuple[Tensor, Tensor | None]:
+    def _teacher(self, batch: dict, temp: float, masked: MaskedTokens | None) -> tuple[Tensor, Tensor | None]:
         out = self.teacher.backbone.forward_features(batch["global_crops"])
         cls = out["x_norm_clstoken"]
         self.teacher_cls = cls.detach()  # (2B, D), crop-major; read by the online probes, never a loss
-        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]] if self.do_ibot else None
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[masked.indices] if masked is not None else None
         if patches is not None and "ibot_head" not in self.teacher:
             logits = self.teacher.dino_head(torch.cat([cls, patches]))
             cls_logits, patch_logits = logits[: len(cls)], logits[len(cls) :]
@@ -107,7 +181,7 @@ class DINOv2Objective(nn.Module):
         if patch_logits is not None:
             total = batch["n_masked_patches"].to(cls.device).sum()
             all_reduce_sum_(total)  # SK normalises by the global number of masked tokens
-            ibot_targets = self._targets(patch_logits, temp, "ibot_center", total_count=total)
+            ibot_targets = self._targets(patch_logits, temp, "ibot_center", total_count=total, masked=masked)
         return dino_targets, ibot_targets
 
     # ------------------------------------------------------------------ student + losses
@@ -116,9 +190,9 @@ class DINOv2Objective(nn.Module):
         updates; call ``commit_centers`` or ``discard_centers`` after it."""
         cfg = self.cfg
         global_crops, local_crops = batch["global_crops"], batch.get("local_crops")
-        n_global = global_crops.shape[0]
         has_local = local_crops is not None and local_crops.shape[0] > 0
-        dino_targets, ibot_targets = self._teacher(batch, teacher_temp)
+        masked = MaskedTokens.from_batch(batch, cfg.pad_masked_tokens) if self.do_ibot else None
+        dino_targets, ibot_targets = self._teacher(batch, teacher_temp, masked)
 
         masks = batch["masks"] if self.masks_student else None
         crops = [global_crops, local_crops] if has_local else [global_crops]
@@ -127,31 +201,26 @@ class DINOv2Objective(nn.Module):
         s_local_cls = outs[1]["x_norm_clstoken"] if has_local else s_global_cls[:0]
         head_in = [s_local_cls, s_global_cls]
         s_patches = None
-        if self.do_ibot:
-            s_patches = outs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
+        if masked is not None:
+            s_patches = outs[0]["x_norm_patchtokens"].flatten(0, 1)[masked.indices]
             if "ibot_head" not in self.student:
                 head_in.append(s_patches)
         sizes = [len(t) for t in head_in]
         logits = self.student.dino_head(torch.cat(head_in)).split(sizes)  # one head call, like DINOv2
         s_local_logits, s_global_logits = logits[0], logits[1]
 
-        terms: dict[str, Tensor] = {}
-        zero = s_global_cls.sum() * 0
-        if cfg.dino_loss_weight > 0:
-            local, glob = dino_loss(
-                s_global_logits, s_local_logits if has_local else None, dino_targets, cfg.student_temp
-            )
-            terms["dino_local_crops_loss"] = cfg.dino_loss_weight * local
-            terms["dino_global_crops_loss"] = cfg.dino_loss_weight * glob
-        if cfg.koleo_loss_weight > 0:
-            views = s_global_cls.chunk(2)
-            terms["koleo_loss"] = cfg.koleo_loss_weight * sum(koleo_loss(v) for v in views)
-        if self.do_ibot:
+        patch_logits = None
+        if masked is not None:
             patch_logits = logits[2] if "ibot_head" not in self.student else self.student.ibot_head(s_patches)
-            terms["ibot_loss"] = cfg.ibot_loss_weight * ibot_loss(
-                patch_logits, ibot_targets, batch["masks_weight"], n_images=n_global, student_temp=cfg.student_temp
-            )
-        terms["loss"] = sum(terms.values(), zero)
+        terms = self.losses(
+            s_global_cls,
+            s_global_logits,
+            s_local_logits if has_local else None,
+            dino_targets,
+            patch_logits,
+            ibot_targets,
+            masked.weights if masked is not None else None,
+        )
         terms.update(self._monitors(dino_targets))
         return terms
 

@@ -45,7 +45,7 @@ class Centering(nn.Module):
         return torch.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
 
     @torch.no_grad()
-    def stage_update(self, teacher_logits: Tensor) -> None:
+    def stage_update(self, teacher_logits: Tensor, valid: Tensor | None = None, n_valid: int | None = None) -> None:
         """Compute ``m * center + (1 - m) * batch_mean``, with the mean taken over all ranks, and hold it
         until ``commit()``.
 
@@ -55,11 +55,18 @@ class Centering(nn.Module):
         Every rank must call this (it is a collective). A rank with no rows (a batch whose iBOT masks
         happen to be empty: possible on tiny grids) is left out of the average, and when no rank has
         a row the centre stays unchanged; DINOv2 would divide by zero and poison the centre with NaN.
+
+        Padded rows (iBOT's static shape) are left out: ``valid`` marks the real rows, ``n_valid`` counts
+        them (a host int, so no sync).
         """
-        rows = teacher_logits.shape[0]
+        rows = teacher_logits.shape[0] if valid is None else n_valid
         local = torch.zeros(1, self.center.shape[-1] + 1, device=self.center.device)
         if rows:
-            local[:, :-1] = teacher_logits.detach().float().mean(dim=0, keepdim=True)
+            logits = teacher_logits.detach().float()
+            if valid is None:
+                local[:, :-1] = logits.mean(dim=0, keepdim=True)
+            else:
+                local[:, :-1] = torch.where(valid[:, None], logits, 0.0).sum(dim=0, keepdim=True) / rows
             local[:, -1] = 1.0
         all_reduce_sum_(local)  # sum of the per-rank means, and the number of ranks that had rows
         ranks_with_rows = local[:, -1:]
@@ -92,6 +99,7 @@ def sinkhorn_knopp(
     temp: float,
     n_iterations: int = 3,
     total_count: int | Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """DINOv2's distributed Sinkhorn-Knopp: (n, K) logits -> (n, K) targets whose rows sum to 1.
 
@@ -103,8 +111,13 @@ def sinkhorn_knopp(
 
     As in DINOv2 there is no max-subtraction before ``exp``: the logits are bounded because the head
     L2-normalises its input and its prototypes have norm ``weight_g`` (about 1).
+
+    ``valid`` (n,) bool marks real rows when the input is padded to a static shape (iBOT): padded rows take
+    no mass, stay out of every sum and come back as all-zero targets.
     """
     q = torch.exp(teacher_logits.float() / temp).t()  # (K, n), the paper's layout
+    if valid is not None:
+        q = torch.where(valid, q, 0.0)
     k = q.shape[0]
     if total_count is None:
         total_count = q.shape[1] * world_size()
@@ -121,7 +134,10 @@ def sinkhorn_knopp(
         q /= all_reduce_sum_(q.sum(dim=1, keepdim=True))
         q /= k
         # each sample gets mass 1/B
-        q /= q.sum(dim=0, keepdim=True)
+        per_sample = q.sum(dim=0, keepdim=True)
+        q /= per_sample if valid is None else torch.where(valid, per_sample, 1.0)  # a padded column stays 0
         q /= b
     q *= b  # columns now sum to 1: one assignment per sample
+    if valid is not None:  # no real row on any rank: 0/0 above; padded targets are zeros whatever happened
+        q = torch.where(valid, q, 0.0)
     return q.t()
