@@ -5,11 +5,13 @@ python train/pretrain.py model=vitl registers=4          # DINOv2 defaults, ViT-
 python train/pretrain.py experiment=dinov2_vitl14_reg4   # DINOv2's ViT-L/14 recipe + 4 registers
 python train/pretrain.py model=vitl registers=4 --cfg job   # print the resolved config
 python train/pretrain.py -m registers=0,1,2,4,8,16       # a local sweep (SLURM arrays: slurm/)
+python train/pretrain.py -m registers=0,1,2,4,8,16 hydra/launcher=submitit_slurm   # the sweep as SLURM jobs
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -24,6 +26,8 @@ from vitreg.lit.pretrain import is_global_zero_process, pretrain
 from vitreg.lit.resume_check import ResumeConfigError
 from vitreg.runtime.run_dir import register_resolvers
 
+# conf/hydra/launcher/submitit_slurm.yaml takes the plugin's name on purpose: its schema then checks our keys
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
 register_configs()
 register_resolvers()  # vitreg.run_dir & co. in conf/hydra/default.yaml: deterministic run dirs, same on every rank
 
