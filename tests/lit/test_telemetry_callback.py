@@ -222,3 +222,35 @@ def test_alerts_fire_once_per_condition_and_not_again_after_resume(tmp_path, pla
     off = telemetry_callback(tmp_path, "callbacks.telemetry.alerts=false")
     trainer, run = fake_wandb_trainer()
     assert off.t.alerts is False  # measure_now skips _alert
+
+
+@pytest.mark.slow
+def test_alerts_are_kept_in_the_checkpoint_and_not_repeated_after_resume(tmp_path, caplog):
+    """A cutoff below every norm makes every patch an outlier from layer 0: both alerts fire at step 0,
+    the checkpoint holds them, and the resumed run (steps 2..4) sends none again."""
+    import torch
+
+    run = tmp_path / "run"
+    cfg = compose_config(
+        [
+            *TINY,
+            "trainer.max_steps=2",
+            "callbacks.checkpoint_every_n_steps=2",
+            "callbacks.telemetry.every_n_steps=1",
+            "callbacks.telemetry.detector=fixed",
+            "callbacks.telemetry.fixed_cutoff=1e-6",
+        ],
+        run_dir=run,
+    )
+    with caplog.at_level("WARNING", logger="vitreg.lit.telemetry"):
+        pretrain(cfg)
+        first = [r.getMessage() for r in caplog.records if "telemetry alert" in r.getMessage()]
+        assert len(first) == 2 and "step 0:" in first[0] and "layer 0" in first[0]
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["ArtifactTelemetry"]
+        assert state == {"alerts_fired": ["emergence/teacher/r28", "outlier_fraction/teacher/r28"]}
+        caplog.clear()
+        with open_dict(cfg):
+            cfg.trainer.max_steps = 4
+        pretrain(cfg)
+        assert [r["step"] for r in read_records(run)][-1] == 4
+        assert not [r for r in caplog.records if "telemetry alert" in r.getMessage()]
