@@ -64,20 +64,19 @@ def default_output(checkpoint: Path, which: str, fmt: str, layout: str) -> Path:
 def check_round_trip(model: torch.nn.Module, output: Path, exact_weights: bool) -> str | None:
     """What differs when the written files are read back by vitreg's own readers (None: nothing).
 
-    Weights must be equal, except for timm, whose CLS token carries its position folded in; outputs
-    must be bitwise equal at the native size and at a larger non-square one in every format."""
+    Weights must be equal, except for timm, whose CLS token carries its position folded in; tokens must
+    be bitwise equal on a small non-square input (cheap even for a ViT-g; it runs the interpolation)."""
     again = load_dinov2_backbone(output)  # heads and interpolation come back from vitreg_export.json
     if exact_weights:
         for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
             if not a.equal(b):
                 return f"{name} differs"
     cfg = model.cfg
-    generator = torch.Generator().manual_seed(0)
-    for h, w in ((cfg.img_size, cfg.img_size), (cfg.img_size + cfg.patch_size, cfg.img_size + 2 * cfg.patch_size)):
-        x = torch.randn(1, cfg.in_chans, h, w, generator=generator)
-        a, b = model.eval().forward_features(x), again.eval().forward_features(x)
-        if not torch.equal(a["x_prenorm"], b["x_prenorm"]):
-            return f"the tokens at {h}x{w} px differ"
+    side = max(1, cfg.grid_size // 2)
+    h, w = side * cfg.patch_size, (side + 1) * cfg.patch_size
+    x = torch.randn(1, cfg.in_chans, h, w, generator=torch.Generator().manual_seed(0))
+    if not torch.equal(model.eval().forward_features(x)["x_prenorm"], again.eval().forward_features(x)["x_prenorm"]):
+        return f"the tokens at {h}x{w} px differ"
     return None
 
 
