@@ -202,7 +202,9 @@ def save_hf_folder(model: VisionTransformer, folder: str | PathLike, architectur
     """Write ``config.json`` + ``model.safetensors`` into ``folder``; returns the config written."""
     folder = Path(folder)
     config = hf_config(model.cfg, architecture)
-    save_safetensors(hf_state_dict(model), folder / WEIGHTS_NAME)
+    state = hf_state_dict(model)
+    config["torch_dtype"] = str(state["layernorm.weight"].dtype).removeprefix("torch.")  # as stored
+    save_safetensors(state, folder / WEIGHTS_NAME)
     atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return config
 
