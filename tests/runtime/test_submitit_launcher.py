@@ -59,6 +59,7 @@ def test_preemption_handler_owns_requeue(tmp_path):
     assert "#SBATCH --time=2880" in lines
 
 
+@pytest.mark.slow
 def test_the_sweep_command_composes(tmp_path):
     """The README's command, up to the launch (--cfg hydra prints the launcher it would use)."""
     done = subprocess.run(

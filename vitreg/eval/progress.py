@@ -22,7 +22,7 @@ from typing import Any, TextIO, TypeVar
 from vitreg.eval.distributed import rank_world
 
 MODES = ("off", "auto", "bar", "lines")
-LINE_FRACTION = 0.1  # a line at every further 10 % of a loop of known length
+LINES_PER_LOOP = 10  # a line at every further 10 % of a loop of known length
 _mode = "off"
 
 T = TypeVar("T")
@@ -80,7 +80,7 @@ class TaskProgress:
         self.done = 0
         self.start = clock()
         self._last_line = self.start
-        self._next_fraction = LINE_FRACTION
+        self._next_line = 1  # the next line is due at _next_line / LINES_PER_LOOP of the loop
         self._bar = None
         self._closed = False
         if self.mode == "bar":
@@ -118,10 +118,10 @@ class TaskProgress:
             return  # close() prints the last line
         now = self.clock()
         due = now - self._last_line >= self.min_interval_s
-        if self.total and self.done / self.total >= self._next_fraction:
+        if self.total and self.done * LINES_PER_LOOP >= self._next_line * self.total:  # integers: no float drift
             due = True
-            while self._next_fraction <= self.done / self.total:
-                self._next_fraction += LINE_FRACTION
+            while self._next_line * self.total <= self.done * LINES_PER_LOOP:
+                self._next_line += 1
         if due:
             self._last_line = now
             self._print(self.line())
