@@ -151,66 +151,32 @@ def variant_overrides(variant: Variant) -> list[str]:
 def make_batches(cfg: DictConfig, batch: int, count: int, device: torch.device, seed: int = 0) -> list[dict]:
     """Collated multi-crop batches with vitreg's own iBOT masks (their masked count differs per batch,
     as in training); random pixels, since speed does not depend on them."""
-    from vitreg.data.collate import MultiCropCollator
+    from vitreg.data.collate import mask_fields
+    from vitreg.lit.data import multicrop_collator
 
     a = cfg.augment
-    collator = MultiCropCollator(cfg.model.patch_size, a.global_crops_size)
+    collator = multicrop_collator(cfg)  # the run's mask ratios and probability
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for index in range(count):
         masks, upperbound = collator.make_masks(2 * batch, random.Random(seed * 1000 + index))
-        mask_indices = masks.flatten().nonzero().flatten()
-        per_image = masks.sum(-1, keepdim=True).clamp(min=1).float()
         cpu = {
             "global_crops": torch.randn(2 * batch, 3, a.global_crops_size, a.global_crops_size, generator=generator),
             "local_crops": torch.randn(a.local_crops_number * batch, 3, a.local_crops_size, a.local_crops_size,
                                        generator=generator),
-            "masks": masks,
-            "mask_indices": mask_indices,
-            "masks_weight": (1.0 / per_image).expand_as(masks)[masks],
-            "n_masked_patches": torch.full((1,), mask_indices.numel(), dtype=torch.long),
+            **mask_fields(masks, upperbound),
             "labels": torch.zeros(batch, dtype=torch.long),
         }  # fmt: skip
-        batches.append({**{k: v.to(device) for k, v in cpu.items()}, "upperbound": upperbound})
+        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu.items()})
     return batches
 
 
 # ------------------------------------------------------------------ FLOPs
-def cpu_flash_attention_formulas() -> dict:
-    """torch's FLOP counter knows the CUDA SDPA kernels but not the CPU flash kernel; same formulas."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
-    aten = torch.ops.aten
-    return {
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: (
-            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)
-        ),
-    }
-
-
-def step_flops(cfg: DictConfig, batch: dict) -> int:
-    """FLOPs of one training forward+backward of the objective (student and teacher), counted on fake
-    tensors: the model is built on the meta device and given fake CPU storage (the objective's
-    ``autocast(device_type=x.device.type)`` rejects the bare meta device)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from vitreg.lit.module import build_objective
-
-    with torch.device("meta"):
-        objective = build_objective(cfg)
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        objective = objective.to_empty(device="cpu").train()
-        fake_batch = {k: fake.from_tensor(v.cpu()) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with FlopCounterMode(display=False, custom_mapping=cpu_flash_attention_formulas()) as counter:
-            objective(fake_batch, teacher_temp=0.07)["loss"].backward()
-    return counter.get_total_flops()
-
-
 def flops_per_image(args: argparse.Namespace, cfg: DictConfig, batch: dict, user: list[str]) -> tuple[float, float]:
     """(actual, nominal) FLOPs per image: with the config's drop path, and with drop path off."""
     nominal_cfg = compose([*base_overrides(args, user), "model.drop_path_rate=0.0"])
+    from vitreg.lit.flops import step_flops  # the counter perf/mfu uses in training
+
     return step_flops(cfg, batch) / args.batch, step_flops(nominal_cfg, batch) / args.batch
 
 

@@ -180,6 +180,7 @@ MISTAKES = [
     (["data.synthetic.image_size=8"], "data.synthetic.image_size"),
     # trainer
     (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps"),
+    (["trainer.peak_tflops=0"], "trainer.peak_tflops"),
     (["trainer=ddp", "trainer.ddp.comm_hook=fp8"], "trainer.ddp.comm_hook"),
     (["trainer=fsdp", "trainer.fsdp.prefetch=-1"], "trainer.fsdp.prefetch"),
     (["trainer.progress=tqdm"], "trainer.progress"),

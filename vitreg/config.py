@@ -196,6 +196,8 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     progress: str = "auto"  # auto: a bar on a terminal, one line every log_every_n_steps otherwise | bar | lines
     compile: bool | None = None  # per-block torch.compile of student and teacher; null: on with CUDA
+    # the device's dense bf16 peak in TFLOP/s for perf/mfu; null: known for H100/H200/H800/A100/L40S, else no mfu
+    peak_tflops: float | None = None
     deterministic: bool = False
     ddp: DDPConfig = field(default_factory=DDPConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -503,6 +505,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.webdataset.min_image_side", lambda v: v is None or v >= 1, "null (the local crop size) or >= 1"),
     ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1 (with 0 no metric is ever logged)"),
     ("trainer.fsdp.prefetch", lambda v: v >= 0, ">= 0 blocks (0: FSDP2's implicit prefetch)"),
+    ("trainer.peak_tflops", lambda v: v is None or v > 0, "null (known GPUs) or > 0, e.g. 989 for an H100 SXM"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1] (Lightning refuses other seeds)"),
 )
 

@@ -105,16 +105,23 @@ class MultiCropCollator:
             )
 
         masks, upperbound = self.make_masks(len(global_crops), rng or self._get_rng())
-        mask_indices = masks.flatten().nonzero().flatten()
-        per_image = masks.sum(-1, keepdim=True).clamp(min=1).float()
-        masks_weight = (1.0 / per_image).expand_as(masks)[masks]
         return {
             "global_crops": global_crops,
             "local_crops": local_crops,
-            "masks": masks,
-            "mask_indices": mask_indices,
-            "masks_weight": masks_weight,
-            "n_masked_patches": torch.full((1,), mask_indices.numel(), dtype=torch.long),
-            "upperbound": upperbound,
+            **mask_fields(masks, upperbound),
             "labels": torch.as_tensor([int(s[1]) for s in samples], dtype=torch.long),
         }
+
+
+def mask_fields(masks: Tensor, upperbound: int) -> dict[str, Any]:
+    """The batch's iBOT entries from ``(2B, N)`` bool masks: ``masks``, ``mask_indices``, ``masks_weight``,
+    ``n_masked_patches`` and ``upperbound`` (see ``MultiCropCollator``)."""
+    mask_indices = masks.flatten().nonzero().flatten()
+    per_image = masks.sum(-1, keepdim=True).clamp(min=1).float()
+    return {
+        "masks": masks,
+        "mask_indices": mask_indices,
+        "masks_weight": (1.0 / per_image).expand_as(masks)[masks],
+        "n_masked_patches": torch.full((1,), mask_indices.numel(), dtype=torch.long),
+        "upperbound": upperbound,
+    }

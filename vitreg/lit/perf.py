@@ -13,22 +13,28 @@ A window runs from the end of the step before it to the end of its last step, so
   checkpoint save, an online probe). On CUDA this is the device's idle time: a loader that keeps
   ahead of the GPU costs nothing even while the host waits;
 - ``perf/peak_mem_gib``: peak CUDA memory allocated since the start (CPU: the process's peak RSS);
-- ``perf/mfu``: model FLOP/s utilisation, only when given the FLOPs of one image's training step and
-  the device's peak FLOP/s.
+- ``perf/mfu``: model FLOP/s utilisation: images/s per device × FLOPs of one image's training step
+  (counted once at the start on fake tensors, ``vitreg.lit.flops``; teacher forward included, drop path's
+  batch subsets as computed) / the device's dense bf16 peak. Logged on the devices listed below, or on any
+  device given ``trainer.peak_tflops``.
 The first step (compilation, allocator warm-up) is left out of the first window.
 """
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 
 from vitreg.lit.callbacks import is_logging_step
+
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 
@@ -85,12 +91,19 @@ class PerfMonitor(L.Callback):
     """Logs the ``perf/*`` metrics (module docstring) to every logger, on global rank 0 only.
 
     ``images_per_step``: images per device per step (the global crops' batch). ``flops_per_image``:
-    FLOPs of one image's training step (forward, backward, teacher); with it and a known device peak,
-    ``perf/mfu`` is logged too."""
+    FLOPs of one image's training step (forward, backward, teacher), or a function that counts them, called
+    once at the start and only when the device's peak is known; with both, ``perf/mfu`` is logged too.
+    ``peak_flops_override``: the device's peak FLOP/s, for devices not in ``PEAK_BF16_FLOPS``."""
 
-    def __init__(self, images_per_step: int, flops_per_image: float | None = None) -> None:
+    def __init__(
+        self,
+        images_per_step: int,
+        flops_per_image: float | Callable[[], float] | None = None,
+        peak_flops_override: float | None = None,
+    ) -> None:
         self.images_per_step = images_per_step
-        self.flops_per_image = flops_per_image
+        self.flops_per_image = float(flops_per_image) if isinstance(flops_per_image, int) else flops_per_image
+        self.peak_flops_override = peak_flops_override
         self.latest: dict[str, float] = {}  # the last window's metrics (the progress lines print them)
         self._clock: Clock | None = None
         self._device = torch.device("cpu")
@@ -102,8 +115,20 @@ class PerfMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._device = trainer.strategy.root_device
         self._clock = Clock(self._device)
-        self._peak_flops = peak_flops(self._device)
+        self._peak_flops = self.peak_flops_override or peak_flops(self._device)
         self._before, self._steps, self._read_at = None, [], -1
+        if self._peak_flops and callable(self.flops_per_image) and trainer.is_global_zero:
+            self.flops_per_image = self._count_flops(self.flops_per_image)
+
+    @staticmethod
+    def _count_flops(count: Callable[[], float]) -> float | None:
+        try:
+            flops = float(count())
+        except Exception as error:  # a metric must never stop a run
+            log.warning("perf/mfu is off: counting the step's FLOPs failed (%s: %s)", type(error).__name__, error)
+            return None
+        log.info("perf/mfu: %.4g TFLOP per image per training step (teacher included)", flops / 1e12)
+        return flops
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -157,7 +182,7 @@ class PerfMonitor(L.Callback):
             "perf/data_wait_frac": min(max(between / total, 0.0), 1.0) if total > 0 else 0.0,
             "perf/peak_mem_gib": peak_memory_gib(self._device),
         }
-        if self.flops_per_image and self._peak_flops:
+        if isinstance(self.flops_per_image, float) and self._peak_flops:
             metrics["perf/mfu"] = per_device * self.flops_per_image / self._peak_flops
         self.latest = metrics
         return metrics

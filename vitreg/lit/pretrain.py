@@ -27,6 +27,7 @@ from vitreg.lit.checkpointing import (
 )
 from vitreg.lit.csv_logger import ResumableCSVLogger
 from vitreg.lit.data import SyntheticDataModule, WebDataModule
+from vitreg.lit.flops import flops_per_image
 from vitreg.lit.module import DINOv2Module
 from vitreg.lit.perf import PerfMonitor
 from vitreg.lit.probes import build_online_probes
@@ -190,7 +191,12 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
             save_on_interrupt=cfg.runtime.save_on_interrupt,
         )
     )
-    perf = PerfMonitor(cfg.data.batch_size_per_device)
+    peak_tflops = cfg.trainer.get("peak_tflops")
+    perf = PerfMonitor(
+        cfg.data.batch_size_per_device,
+        flops_per_image=lambda: flops_per_image(cfg),  # counted once, only where the device's peak is known
+        peak_flops_override=peak_tflops * 1e12 if peak_tflops else None,
+    )
     callbacks.append(perf)  # perf/* metrics every log_every_n_steps, to every logger
     # enable_progress_bar=false: neither bar nor lines; else trainer.progress picks (auto: lines off a TTY)
     lines = cfg.trainer.enable_progress_bar and progress_mode(cfg.trainer.progress) == "lines"
