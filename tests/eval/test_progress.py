@@ -93,3 +93,11 @@ def test_features_linear_grid_and_lost_report_progress(lines, capsys, tmp_path):
     grid_lines = [line for line in out if line.startswith("linear grid training")]
     assert len(grid_lines) == 10 and grid_lines[-1].startswith("linear grid training: 10/10 iterations  100%")
     assert [line for line in out if line.startswith("LOST")][-1].startswith("LOST: 2/2 images")
+
+
+def test_occlusion_reports_its_batches(lines, capsys):
+    from vitreg.eval.occlusion import feature_correlation
+
+    feature_correlation(tiny_vit(), torch.randn(4, 3, 28, 28), [0.5], batch_size=2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("occlusion: PatchDrop: 2/2 batches  100%")

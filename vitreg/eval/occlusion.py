@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from vitreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitreg.eval.progress import track
 
 Fill = str | float | Sequence[float]
 
@@ -222,7 +223,7 @@ def feature_correlation(
         _key(f): {k: [] for k in (*kinds, "final_cls", "final_cls_cosine")} for f in fractions
     }
     try:
-        for x in images.split(batch_size):
+        for x in track(images.split(batch_size), "occlusion: PatchDrop"):
             x = x.to(device)
             clean = layer_features(model, x)
             for f in fractions:
@@ -346,7 +347,7 @@ def attention_faithfulness(
     stats = {_key(f): {m: {"correlation": [], "cosine": [], "attention_mass": []} for m in modes} for f in fractions}
     register_mass, cls_mass = [], []
     try:
-        for x in images.split(batch_size):
+        for x in track(images.split(batch_size), "occlusion: attention faithfulness"):
             x = x.to(device)
             (probs,) = model.get_attention_maps(x, blocks=layer).values()
             row = cls_attention(probs, head)
