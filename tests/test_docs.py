@@ -14,6 +14,8 @@ is checked by what it runs, without training or touching data:
   to ``train/pretrain.py`` / ``train/analyze.py`` are checked as above.
 - ``python scripts/<name>.py ...``: the script runs in-process until it has parsed its arguments
   with argparse (a wrong flag fails as it would in the shell), then stops before doing any work.
+- Overrides of ``hydra/...`` (e.g. ``hydra/launcher=submitit_slurm``) are composed with Hydra's own
+  config; without the optional launcher plugin such commands are skipped.
 - ``SKIP``: commands that cannot run here in seconds (training, the whole suite, installs, W&B
   uploads, GPU-only checks), each with its reason.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import itertools
 import os
@@ -50,8 +53,11 @@ SKIP: tuple[tuple[str, str], ...] = (
     (r"^wandb sync\b", "uploads offline runs to the W&B server (network, credentials)"),
     (r"^bash \.\./shared/gpu/", "stages the GPU check on the GPU machine"),
     (r"-m pytest -m gpu\b", "the GPU tests, skipped without a GPU"),
-    (r"hydra/launcher=submitit", "needs the optional hydra-submitit-launcher plugin and a SLURM cluster"),
 )
+if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:  # the optional `slurm` extra
+    SKIP += (
+        (r"hydra/launcher=submitit", "needs the optional hydra-submitit-launcher plugin (pip install -e '.[slurm]')"),
+    )
 LAUNCHERS = {"srun", "torchrun", "sbatch"}  # their options come first; then the program and its arguments
 SBATCH_SCRIPTS = {"slurm/pretrain.sbatch": "train/pretrain.py", "slurm/sweep_registers.sbatch": "train/pretrain.py"}
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd"}
@@ -175,6 +181,7 @@ def check_hydra_command(command: Command, program: str, args: list[str]) -> None
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     from vitreg.config import ConfigError, register_configs, validate_analyze_config, validate_config
@@ -205,7 +212,13 @@ def check_hydra_command(command: Command, program: str, args: list[str]) -> None
     for combination in itertools.islice(itertools.product(*choices), MAX_SWEEP_COMBINATIONS):
         try:
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose(config_name="analyze" if analyze else "pretrain", overrides=list(combination))
+                cfg = compose(
+                    config_name="analyze" if analyze else "pretrain",
+                    overrides=list(combination),
+                    return_hydra_config=any(o.startswith(("hydra/", "hydra.")) for o in combination),
+                )
+                with open_dict(cfg):
+                    cfg.pop("hydra", None)  # composed to check the launcher's overrides; vitreg validates the rest
             with readers_files_exist(readers_paths):
                 (validate_analyze_config if analyze else validate_config)(cfg)
         except (HydraException, OmegaConfBaseException, ConfigError) as err:
