@@ -181,6 +181,7 @@ MISTAKES = [
     # trainer
     (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps"),
     (["trainer.peak_tflops=0"], "trainer.peak_tflops"),
+    (["augment.crops_dtype=float16"], "augment.crops_dtype"),
     (["trainer=ddp", "trainer.ddp.comm_hook=fp8"], "trainer.ddp.comm_hook"),
     (["trainer=fsdp", "trainer.fsdp.prefetch=-1"], "trainer.fsdp.prefetch"),
     (["trainer.progress=tqdm"], "trainer.progress"),

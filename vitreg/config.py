@@ -57,6 +57,9 @@ class AugmentConfig:
     # "intended" gives the documented 1.0 / 0.1 / 0.5 instead; or give [global1, global2, local].
     blur_probabilities: Any = "dinov2"
     solarize_prob: float = 0.2
+    # how crops leave the loader workers: uint8 (normalised on the GPU, 4x fewer bytes) or normalised float32;
+    # auto: uint8 when training on CUDA
+    crops_dtype: str = "auto"
 
 
 @dataclass
@@ -466,6 +469,7 @@ CHOICES = {
     "data.webdataset.missing_shards": (None, "error", "warn"),
     "resume": ("auto", "never"),
     "trainer.progress": ("auto", "bar", "lines"),
+    "augment.crops_dtype": ("auto", "uint8", "float32"),
     "trainer.ddp.comm_hook": ("none", "bf16"),
     "callbacks.telemetry.stream": ("prenorm", "postnorm"),
     "callbacks.telemetry.detector": ("fixed", "robust_z", "valley"),

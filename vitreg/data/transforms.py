@@ -277,6 +277,27 @@ def random_gaussian_blur(
     return gaussian_blur(img, kernel_size, _uniform(sigma[0], sigma[1], generator), out=out)
 
 
+def to_uint8(img: Tensor) -> Tensor:
+    """float CHW in [0, 1] -> uint8, rounded to the nearest level (``_to_float``'s inverse on uint8 input)."""
+    return img.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DeviceNormalize(torch.nn.Module):
+    """uint8 crops -> float32 ``(x / 255 - mean) / std`` on their device, as ``normalize`` computes it on the
+    host. Crops travel from the loader workers to the GPU as uint8 (4x fewer bytes than float32); the mean
+    and 1/std live in non-persistent buffers, so they move with the module and stay out of checkpoints."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+
+    def forward(self, crops: Tensor) -> Tensor:
+        if crops.dtype != torch.uint8:
+            return crops  # already normalised on the host
+        return crops.float().div_(255.0).sub_(self.mean).mul_(self.inv_std)
+
+
 def normalize(
     img: Tensor,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -303,7 +324,8 @@ class MultiCropTransform:
     or any three probabilities.
 
     ``__call__(uint8 (3, H, W)) -> {"global_crops": [g1, g2], "local_crops": [l1, ...]}`` of float32
-    normalised CHW tensors. Random draws use torch's global RNG unless a ``generator`` is passed (see the
+    normalised CHW tensors, or with ``output_dtype=torch.uint8`` of the un-normalised crops rounded to uint8
+    (as DINOv2's PIL pipeline holds them before ``ToTensor``), for ``DeviceNormalize`` on the GPU. Random draws use torch's global RNG unless a ``generator`` is passed (see the
     module docstring for how DataLoader workers are seeded).
     """
 
@@ -316,7 +338,11 @@ class MultiCropTransform:
         local_crops_scale: tuple[float, float] = (0.05, 0.32),
         blur_probabilities: str | Sequence[float] = "dinov2",
         solarize_prob: float = 0.2,
+        output_dtype: torch.dtype = torch.float32,
     ) -> None:
+        if output_dtype not in (torch.float32, torch.uint8):
+            raise ValueError(f"output_dtype must be torch.float32 or torch.uint8, got {output_dtype}")
+        self.output_dtype = output_dtype
         if isinstance(blur_probabilities, str):
             if blur_probabilities not in BLUR_PROBABILITIES:
                 raise ValueError(
@@ -363,7 +389,7 @@ class MultiCropTransform:
         x = random_gaussian_blur(x, blur_prob, generator=generator, out=x)
         if solarize_prob > 0 and _coin(solarize_prob, generator):
             x = solarize(x)
-        return normalize(x, out=x)
+        return to_uint8(x) if self.output_dtype == torch.uint8 else normalize(x, out=x)
 
     def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, list[Tensor]]:
         if img.ndim != 3 or img.shape[0] != 3:
@@ -386,5 +412,5 @@ class MultiCropTransform:
         return (
             f"{type(self).__name__}(global={self.global_crops_size}px {self.global_crops_scale}, "
             f"local={self.local_crops_number}x{self.local_crops_size}px {self.local_crops_scale}, "
-            f"blur={self.blur_probabilities}, solarize_prob={self.solarize_prob})"
+            f"blur={self.blur_probabilities}, solarize_prob={self.solarize_prob}, output={self.output_dtype})"
         )

@@ -46,7 +46,18 @@ def multicrop_transform(cfg: DictConfig) -> MultiCropTransform:
         if isinstance(a.blur_probabilities, str)
         else list(a.blur_probabilities),
         solarize_prob=a.solarize_prob,
+        output_dtype=crops_dtype(cfg),
     )
+
+
+def crops_dtype(cfg: DictConfig) -> torch.dtype:
+    """``augment.crops_dtype``: uint8 (normalised on the device by ``DINOv2Module``) or float32; auto is uint8
+    when training on CUDA, where the host-to-device copy and the workers' shared memory shrink 4x."""
+    choice = cfg.augment.get("crops_dtype", "float32")
+    if choice == "auto":
+        on_cuda = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        choice = "uint8" if on_cuda else "float32"
+    return torch.uint8 if choice == "uint8" else torch.float32
 
 
 def multicrop_collator(cfg: DictConfig) -> MultiCropCollator:

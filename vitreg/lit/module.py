@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from vitreg.data.transforms import DeviceNormalize
 from vitreg.models import VisionTransformer, ViTConfig, load_backbone_weights
 from vitreg.models.config import vit_config_from_mapping
 from vitreg.ssl.ema import TeacherEMA
@@ -122,6 +124,7 @@ class DINOv2Module(L.LightningModule):
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True), "world_size": world_size})
         self.cfg = cfg
         self.objective = build_objective(cfg)
+        self.crop_normalize = DeviceNormalize()  # uint8 crops (augment.crops_dtype) normalised on the device
         optim = cfg.optim
         self.global_batch = cfg.data.batch_size_per_device * world_size
         self.lr = scaled_lr(optim.base_lr, self.global_batch, optim.scaling_rule)
@@ -218,6 +221,15 @@ class DINOv2Module(L.LightningModule):
             self._teacher_ema(self.schedules.momentum(self.global_step))
 
     # ------------------------------------------------------------------ step
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 crops arrive as the loader made them (4x fewer bytes to copy): normalise them here, on
+        the device, before any hook or the step sees them. Float crops pass unchanged."""
+        if isinstance(batch, dict) and "global_crops" in batch:
+            for key in ("global_crops", "local_crops"):
+                if batch.get(key) is not None:
+                    batch[key] = self.crop_normalize(batch[key])
+        return batch
+
     def training_step(self, batch: dict, batch_idx: int):
         step = self.global_step
         terms = self.objective(batch, teacher_temp=self.schedules.teacher_temp(step))
