@@ -366,3 +366,47 @@ def test_the_demo_cadence_is_stated_as_configured():
                 stated.append((f"{path.relative_to(ROOT)}:{number}", value))
     assert len(stated) >= 3, stated
     assert [s for s in stated if s[1] != every] == [], f"the demo measures every {every} steps"
+
+
+def python_blocks() -> list[tuple[str, int, str]]:
+    """(file, first line, code) of every fenced ``python`` block of the documents."""
+    blocks = []
+    for path in sorted({p for pattern in DOCUMENTS for p in ROOT.glob(pattern)}):
+        lines, start = path.read_text().splitlines(), None
+        for number, line in enumerate(lines, 1):
+            if start is None and re.match(r"^\s*```python\s*$", line):
+                start = number
+            elif start is not None and re.match(r"^\s*```\s*$", line):
+                blocks.append((str(path.relative_to(ROOT)), start + 1, "\n".join(lines[start : number - 1])))
+                start = None
+    return blocks
+
+
+def test_python_examples_parse_and_import_what_vitreg_has():
+    """The Python examples are not run (they need checkpoints and runs), but they must be valid Python
+    and every name they import from vitreg must exist (renamed APIs break them silently otherwise)."""
+    import ast
+    import importlib
+    import textwrap
+
+    blocks = python_blocks()
+    assert len(blocks) >= 4
+    problems = []
+    for file, line, code in blocks:
+        try:
+            tree = ast.parse(textwrap.dedent(code))
+        except SyntaxError as err:
+            problems.append(f"{file}:{line + (err.lineno or 1) - 1}: not valid Python: {err.msg}")
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "vitreg":
+                where = f"{file}:{line + node.lineno - 1}"
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError as err:
+                    problems.append(f"{where}: from {node.module} import ...: {err}")
+                    continue
+                missing = [a.name for a in node.names if not hasattr(module, a.name)]
+                if missing:
+                    problems.append(f"{where}: {node.module} has no {', '.join(missing)}")
+    assert problems == []
