@@ -67,3 +67,21 @@ def test_a_run_writes_scalars_histograms_and_images_to_tensorboard(tmp_path):
     images = [t for t in tags["images"] if t.startswith("telemetry/teacher/r28/images/")]
     assert {t.rsplit("/", 1)[1] for t in images} >= {"attention_maps", "position_map"}
     assert [e.step for e in events.Images(images[0])] == [0, 2]  # at every measurement
+
+
+def test_a_resumed_run_purges_the_steps_it_logs_again(tmp_path):
+    """Events from the resumed step on (logged before a crash) are dropped, as the CSV logger drops its rows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vitreg.lit.tensorboard_logger import build_tensorboard_logger
+
+    first = build_tensorboard_logger(tmp_path)
+    for step in range(6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.finalize("success")
+    resumed = build_tensorboard_logger(tmp_path, resume_step=4)  # the checkpoint was at step 4
+    for step in (4, 5):
+        resumed.log_metrics({"train/loss": 10.0 + step}, step=step)
+    resumed.finalize("success")
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train/loss")
+    assert [(e.step, e.value) for e in events] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]

@@ -73,7 +73,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
         elif kind == "tensorboard":
             from vitreg.lit.tensorboard_logger import build_tensorboard_logger
 
-            loggers.append(build_tensorboard_logger(run_dir))
+            loggers.append(build_tensorboard_logger(run_dir, resume_step))
         elif kind == "wandb":
             from vitreg.lit.wandb_logger import build_wandb_logger
 

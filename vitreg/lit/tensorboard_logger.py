@@ -1,6 +1,8 @@
 """TensorBoard for sites without W&B (``logger=tensorboard``): scalars through Lightning's ``TensorBoardLogger``,
 and the telemetry's histograms and pictures (the same ``media`` the W&B path gets) as TensorBoard histograms
-and images. Event files go to ``<run_dir>/tensorboard/``; a resumed run appends new event files there."""
+and images. Event files go to ``<run_dir>/tensorboard/``; a resumed run appends new event files there, and
+TensorBoard drops the older files' events from the resumed step on (``purge_step``), as the CSV logger drops
+its rows: every step is shown once."""
 
 from __future__ import annotations
 
@@ -13,9 +15,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 TENSORBOARD_DIR = "tensorboard"
 
 
-def build_tensorboard_logger(run_dir: str | Path) -> TensorBoardLogger:
-    """Event files directly in ``<run_dir>/tensorboard`` (no ``version_N`` folders: one run, one directory)."""
-    return TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version="", default_hp_metric=False)
+def build_tensorboard_logger(run_dir: str | Path, resume_step: int | None = None) -> TensorBoardLogger:
+    """Event files directly in ``<run_dir>/tensorboard`` (no ``version_N`` folders: one run, one directory).
+    ``resume_step``: the step of the checkpoint being resumed (events logged from it on before a crash are
+    about to be logged again)."""
+    return TensorBoardLogger(
+        save_dir=str(run_dir), name=TENSORBOARD_DIR, version="", default_hp_metric=False, purge_step=resume_step
+    )
 
 
 def tensorboard_loggers(trainer: Any) -> list[TensorBoardLogger]:
