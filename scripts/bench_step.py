@@ -580,9 +580,10 @@ def main(argv: list[str]) -> int:
     header(args, cfg, device, user)
     flops = flops_per_image(args, cfg, batches[0], user)
     peak = peak_bf16_flops(device)
+    padded = f", padded to {batches[0]['upperbound']}" if cfg.ssl.ibot.get("pad_masked_tokens", False) else ""
     print(
         f"FLOPs per image (torch.utils.flop_counter, fake tensors, batch {args.batch}, "
-        f"{batches[0]['mask_indices'].numel()} masked tokens): actual {flops[0] / 1e12:.4f} TFLOP "
+        f"{batches[0]['mask_indices'].numel()} masked tokens{padded}): actual {flops[0] / 1e12:.4f} TFLOP "
         f"(drop path {cfg.model.drop_path_rate}, batch-subset), nominal {flops[1] / 1e12:.4f} TFLOP (drop path off); "
         f"MFU peak: {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s dense bf16'}",
         flush=True,
