@@ -10,6 +10,7 @@ python train/pretrain.py -m registers=0,1,2,4,8,16 hydra/launcher=submitit_slurm
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -44,6 +45,14 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"data error: {err.reason()}")
     except ResumeConfigError as err:
         sys.exit(f"resume refused: {err}")
+    if (
+        summary.get("preempted")
+        and os.environ.get("SUBMITIT_EXECUTOR")
+        and (summary.get("requeued") or not is_global_zero_process())
+    ):
+        # hydra/launcher=submitit_slurm: PreemptionHandler requeued this task. Returning would give submitit a
+        # result, and the sweep would count the run as done; end without one, as submitit's own requeue does.
+        sys.exit(f"preempted at step {summary['steps']}: requeued; the requeued task continues the run")
     if not is_global_zero_process():
         return  # one summary per run, not one per rank
     if summary.get("already_finished"):

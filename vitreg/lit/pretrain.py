@@ -183,14 +183,14 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     if cfg.callbacks.telemetry.enabled:
         telemetry = ArtifactTelemetry(cfg, run_dir)
         callbacks.append(telemetry)
-    callbacks.append(  # SIGUSR1/SIGTERM: save last.ckpt, requeue under SLURM, stop (the only requeue owner)
-        PreemptionHandler(
-            last_checkpoint_path(run_dir),
-            cfg.runtime.signals,
-            cfg.runtime.requeue,
-            save_on_interrupt=cfg.runtime.save_on_interrupt,
-        )
+    # SIGUSR1/SIGTERM: save last.ckpt, requeue under SLURM, stop (the only requeue owner)
+    preemption = PreemptionHandler(
+        last_checkpoint_path(run_dir),
+        cfg.runtime.signals,
+        cfg.runtime.requeue,
+        save_on_interrupt=cfg.runtime.save_on_interrupt,
     )
+    callbacks.append(preemption)
     peak_tflops = cfg.trainer.get("peak_tflops")
     perf = PerfMonitor(
         cfg.data.batch_size_per_device,
@@ -240,6 +240,8 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
         "skipped_steps": module.skipped_steps,
         "finished": trainer.global_step >= max_steps,
     }
+    summary["preempted"] = preemption.preempted  # stopped by a signal (checkpoint saved)
+    summary["requeued"] = preemption.requeued_job is not None  # and requeued (known on rank 0)
     loss = trainer.callback_metrics.get("train/loss")  # the last logged value (every log_every_n_steps)
     summary["final_loss"] = float(loss) if loss is not None else None
     if knn is not None:  # {"before": {"top1_k20": %, ...}, "after": {...}, "history": [(step, {...}), ...]}
