@@ -1,7 +1,8 @@
 """Preemption: checkpoint, requeue and stop when SLURM (or anyone) asks the run to end.
 
 ``PreemptionHandler`` is the *one* owner of requeueing (Lightning's own SLURM auto-requeue is
-switched off by ``slurm_plugins``). The flow:
+switched off by ``slurm_plugins``; under ``hydra/launcher=submitit_slurm`` submitit's is off and its USR2
+never sent, see conf/hydra/launcher/submitit_slurm.yaml). The flow:
 
 1. SIGUSR1 (``sbatch --signal=USR1@N``, ``scancel --signal=USR1``) or SIGTERM (the time limit,
    ``scancel``) arrives. The handler only records it: Python runs signal handlers between
