@@ -620,7 +620,7 @@ def _validate_loggers(c: DictConfig) -> None:
 
     for name in c.logger.enabled or {}:
         if name not in LOGGERS:
-            _fail(f"logger.enabled.{name}", f"unknown logger; choose from {list(LOGGERS)}, e.g. logger=[csv,tensorboard]")
+            _fail(f"logger.enabled.{name}", f"unknown logger; use {'/'.join(LOGGERS)}, e.g. logger=[csv,wandb]")
     if "tensorboard" in active_loggers(c.logger) and not any(
         importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
     ):
