@@ -145,6 +145,55 @@ def test_hue_matches_colorsys(factor: float) -> None:
     np.testing.assert_allclose(T.adjust_hue(img, factor).numpy(), expected, atol=2e-6)
 
 
+def _hue_reference(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """adjust_hue as first written (a fresh tensor per step): the in-place version must match it bit for bit."""
+    r, g, b = img[..., 0:1, :, :], img[..., 1:2, :, :], img[..., 2:3, :, :]
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv_chroma = chroma.clamp(min=1e-12).reciprocal_()
+    is_r = (r - maxc).sign_().add_(1.0)
+    is_g = (g - maxc).sign_().add_(1.0)
+    hue6 = torch.lerp(
+        torch.lerp(torch.add(r - g, chroma, alpha=4), torch.add(b - r, chroma, alpha=2), is_g), g - b, is_r
+    )
+    hue6 = hue6.mul_(inv_chroma).add_(6.0 * factor)
+    hue6 = hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))
+    out = torch.empty_like(img)
+    for channel, centre in enumerate((3.0, 5.0, 1.0)):
+        dist = (hue6 - centre).abs_()
+        ramp = torch.maximum(2.0 - dist, dist.sub_(4.0)).clamp_(0.0, 1.0)
+        torch.addcmul(maxc, chroma, ramp, value=-1.0, out=out[..., channel : channel + 1, :, :])
+    return out
+
+
+@pytest.mark.parametrize("shape", [(3, 224, 224), (3, 37, 98), (2, 3, 9, 11)])
+def test_hue_is_bitwise_the_reference(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, shape, generator=gen).float() / 255
+    img[..., 0, :3, :] = img[..., 1, :3, :]  # ties between channels
+    img[..., :, 3:6, :] = img[..., 2:3, 3:6, :]  # grey pixels
+    for factor in (0.1, -0.1, 0.037, -0.5, 0.5, 0.0):
+        expected = _hue_reference(img, factor)
+        assert torch.equal(T.adjust_hue(img, factor), expected)
+        in_place = img.clone()
+        assert T.adjust_hue(in_place, factor, out=in_place) is in_place
+        assert torch.equal(in_place, expected)
+
+
+def test_multicrop_is_the_same_on_a_channels_last_view() -> None:
+    img = torch.randint(0, 256, (3, 61, 87), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    hwc_view = img.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    for dtype in (torch.float32, torch.uint8):
+        transform = MultiCropTransform(
+            global_crops_size=32, local_crops_size=16, local_crops_number=2, output_dtype=dtype
+        )
+        assert transform.accepts_channels_last
+        a = transform(img, generator=torch.Generator().manual_seed(5))
+        b = transform(hwc_view, generator=torch.Generator().manual_seed(5))
+        for key in a:
+            assert all(torch.equal(x, y) for x, y in zip(a[key], b[key], strict=True))
+
+
 def test_color_jitter_draws_factors_in_range() -> None:
     # Brightness alone with its range collapsed to one value is exactly that scaling.
     img = random_image()
@@ -274,3 +323,29 @@ def test_flip_rate_over_many_draws() -> None:
     flips = sum(not torch.equal(random_horizontal_flip(img, 0.5, g), img) for _ in range(4000))
     assert abs(flips / 4000 - 0.5) < 0.03
     assert all(torch.equal(random_horizontal_flip(img, 0.0, g), img) for _ in range(50))
+
+
+def test_grey_images_skip_the_hue_op_with_the_same_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(3)
+    plane = torch.randint(0, 256, (1, 70, 90), dtype=torch.uint8, generator=gen)
+    transform = MultiCropTransform(global_crops_size=40, local_crops_size=20, local_crops_number=3)
+    hues: list[float] = []
+    for img in (plane.expand(3, -1, -1).contiguous(), plane.expand(3, -1, -1).float() / 255):
+        assert T.is_grey(img) and not T.is_grey(random_image())
+        monkeypatch.setattr(T, "adjust_hue", lambda x, f, out=None: hues.append(f) or x)
+        fast = transform(img, generator=torch.Generator().manual_seed(11))
+        monkeypatch.undo()
+        monkeypatch.setattr(T, "is_grey", lambda img: False)
+        slow = transform(img, generator=torch.Generator().manual_seed(11))
+        monkeypatch.undo()
+        assert hues == []  # never called on the grey image
+        for key in fast:
+            assert all(torch.equal(a, b) for a, b in zip(fast[key], slow[key], strict=True))
+
+
+def test_color_jitter_grey_flag_is_exact_on_grey_crops() -> None:
+    grey = random_image(20, 30).mean(dim=0, keepdim=True).expand(3, -1, -1).contiguous()
+    for seed in range(12):  # every position of hue in the random order
+        a = T.color_jitter(grey, generator=torch.Generator().manual_seed(seed))
+        b = T.color_jitter(grey, generator=torch.Generator().manual_seed(seed), grey=True)
+        assert torch.equal(a, b) and T.is_grey(b)

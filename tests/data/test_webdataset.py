@@ -269,3 +269,27 @@ def test_writer_to_reader_round_trip_keeps_labels_and_pixels(tmp_path):
         pixels = image.permute(1, 2, 0).numpy()
         matches = [i for i in range(3) if np.array_equal(pixels, originals[(label, i)])]
         assert len(matches) == 1  # identical to the original file's pixels, and in the right class
+
+
+def test_multicrop_stream_decodes_channels_last_with_the_same_crops(tmp_path, monkeypatch):
+    from vitreg.data.decode import decode_image
+    from vitreg.data.transforms import MultiCropTransform
+
+    photo = Image.effect_mandelbrot((48, 40), (-2.0, -1.5, 1.0, 1.5), 50).convert("RGB")
+    members = []
+    for i, mode in enumerate(("RGB", "L", "CMYK")):
+        buf = io.BytesIO()
+        photo.convert(mode).save(buf, format="JPEG", quality=90)
+        members.append((f"k{i}.jpg", buf.getvalue()))
+    url = write_tar(tmp_path / "mixed-000000.tar", members)
+    transform = MultiCropTransform(global_crops_size=24, local_crops_size=12, local_crops_number=2)
+    calls = []
+    monkeypatch.setattr(wdsmod, "decode_image", lambda *a, **k: calls.append(k) or decode_image(*a, **k))
+    stream = ShardStream([url], transform, resampled=False, shuffle_buffer=1, rank_world=(0, 1))
+    got = [crops for crops, _ in stream]
+    assert len(got) == 3 and all(k["channels_last"] for k in calls)
+    for j, (_, data) in enumerate(members):
+        generator = torch.Generator().manual_seed(wdsmod.sample_seed(0, 0, 0, 0, j))
+        expected = transform(decode_image(data), generator=generator)  # plain CHW input
+        for key in expected:
+            assert all(torch.equal(a, b) for a, b in zip(got[j][key], expected[key], strict=True))

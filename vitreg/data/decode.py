@@ -2,13 +2,15 @@
 
 JPEGs, recognised by their SOI magic rather than an extension, go through simplejpeg (libjpeg-turbo):
 identical pixels to PIL and a little faster (1.04-1.10x measured against Pillow 13, which also uses
-libjpeg-turbo; docs/benchmarks.md). Reading the header first refuses decompression bombs
-and too-small images before anything is allocated, and ``draft_side`` lets libjpeg-turbo scale by 1/2,
-1/4 or 1/8 while decoding, which costs far less than a full decode plus a resize. Everything else goes
-through PIL, and so does any JPEG simplejpeg refuses for a reason other than damage. simplejpeg runs
-strict, so libjpeg's warnings are errors: lost scan data ("Corrupt JPEG data: bad Huffman code",
-"premature end of data segment") is reported as ``corrupt`` although PIL would decode it (painting flat
-blocks); the harmless warnings (such as stray bytes between segments) are left to PIL, which ignores them.
+libjpeg-turbo; docs/benchmarks.md). CMYK and YCCK JPEGs are left to PIL (draft scaling included):
+TurboJPEG's CMYK -> RGB differs from PIL's by one level on most pixels; PIL also judges their damage.
+Reading the header first refuses decompression bombs and too-small images before anything is allocated,
+and ``draft_side`` lets libjpeg-turbo scale by 1/2, 1/4 or 1/8 while decoding, which costs far less than
+a full decode plus a resize. Everything else goes through PIL, and so does any JPEG simplejpeg refuses
+for a reason other than damage. simplejpeg runs strict, so libjpeg's warnings are errors: lost scan data
+("Corrupt JPEG data: bad Huffman code", "premature end of data segment") is reported as ``corrupt``
+although PIL would decode it (painting flat blocks); the harmless warnings (such as stray bytes between
+segments) are left to PIL, which ignores them.
 
 Colour follows DINOv2's ``Image.open(f).convert("RGB")``: alpha is dropped, not composited; EXIF
 orientation is ignored; animated images give their first frame. The exceptions are where PIL's
@@ -66,13 +68,16 @@ def decode_image(
     min_side: int = 1,
     max_pixels: int = 178_956_970,
     draft_side: int | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Decode ``data`` to a contiguous, writable ``(3, H, W)`` uint8 RGB tensor.
 
     Raises ``DecodeError`` with ``reason`` in ``REASONS`` and nothing else for bad input: ``too_small``
     when the shorter side is below ``min_side``, ``too_large`` above ``max_pixels`` pixels (both checked
     on the stored size, before decoding). With ``draft_side`` a JPEG may be decoded at 1/2, 1/4 or 1/8
-    scale: the smallest of these that keeps ``shorter side // factor >= draft_side``.
+    scale: the smallest of these that keeps ``shorter side // factor >= draft_side``. With
+    ``channels_last`` the ``(3, H, W)`` tensor is a view of contiguous ``(H, W, 3)`` memory, as the
+    decoders write it (same values, one image-sized copy fewer), for consumers that work channels-last.
     """
     if min_side < 1 or max_pixels < 1 or (draft_side is not None and draft_side < 1):
         raise ValueError(
@@ -87,7 +92,7 @@ def decode_image(
             pixels, note = _decode_jpeg(data, min_side, max_pixels, draft_side)
         if pixels is None:
             pixels = _decode_pil(data, min_side, max_pixels, draft_side)
-        return _to_tensor(pixels)
+        return _to_tensor(pixels, channels_last)
     except DecodeError:
         raise
     except Exception as e:  # anything a decoder throws is a property of the bytes, so it becomes a reason
@@ -119,6 +124,10 @@ def _decode_jpeg(data: bytes, min_side: int, max_pixels: int, draft_side: int | 
     except ValueError as e:  # TurboJPEG refuses some headers that PIL's libjpeg reads
         return None, str(e)
     _check_size(width, height, min_side, max_pixels)
+    if colourspace in ("CMYK", "YCCK"):
+        # TurboJPEG's CMYK -> RGB is off by one level from PIL's on most pixels, and no faster than
+        # PIL's decode (which keeps draft scaling): PIL decodes these, so pixels match DINOv2's.
+        return None, f"{colourspace} is converted to RGB by PIL"
     factor = 1 << _draft_shift(width, height, draft_side)
     try:
         # TurboJPEG picks the smallest of its n/8 scales whose output is at least min_height x min_width;
@@ -173,13 +182,18 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
         return np.array(image.convert("L"))  # one channel; _to_tensor repeats it
     if mode in ("LA", "La"):
         return np.array(image.getchannel(0))  # grey as stored (premultiplied for La, which PIL cannot convert)
+    if mode == "RGB":
+        return np.array(image)  # convert("RGB") would copy the image once more before np.array's copy
     return np.array(image.convert("RGB"))  # P (transparency included), RGBA, CMYK, YCbCr, ...
 
 
-def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+def _to_tensor(pixels: np.ndarray, channels_last: bool = False) -> torch.Tensor:
     image = torch.from_numpy(pixels)
     if image.ndim == 2:
         image = image.unsqueeze(-1)
+    if channels_last:  # grey is copied to 3 channels; the decoders' own RGB arrays are used as they are
+        hwc = image.expand(-1, -1, 3).contiguous() if image.shape[-1] == 1 else image
+        return hwc.permute(2, 0, 1)
     return image.permute(2, 0, 1).expand(3, -1, -1).contiguous()
 
 

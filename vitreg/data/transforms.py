@@ -13,6 +13,7 @@ run is reproducible under ``torch.manual_seed``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -165,31 +166,44 @@ def adjust_hue(img: Tensor, factor: float, *, out: Tensor | None = None) -> Tens
     ``v·s = c``, saturation is never materialised). Grey pixels have ``c = 0`` and stay unchanged.
     """
     r, g, b = img[..., 0:1, :, :], img[..., 1:2, :, :], img[..., 2:3, :, :]
+    # Temporaries live in a few buffers reused through out= and in-place ops: at 224 px a fresh plane is
+    # 200 kB, which glibc serves with mmap and page faults, doubling the cost. The arithmetic per element
+    # is unchanged (tests/data/test_transforms.py checks it bit for bit against the plain version).
     # Plane-wise max/min: far cheaper on CPU than a channel reduction (aminmax over dim -3).
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    maxc = torch.maximum(r, g)
+    maxc = torch.maximum(maxc, b, out=maxc)
+    chroma = torch.minimum(r, g)
+    chroma = torch.sub(maxc, torch.minimum(chroma, b, out=chroma), out=chroma)
     # Where all channels are equal the numerators are 0 too; the clamp only avoids 0 / 0.
     inv_chroma = chroma.clamp(min=1e-12).reciprocal_()
-    # Hue sector from the max channel; ties resolve r, then g, then b (as torchvision). The 0/1 masks
-    # are sign(x - max) + 1 (x - max is 0 exactly where x is the max, else negative) and the selection is
-    # lerp, exact at weights 0 and 1: both far cheaper on CPU than bool masks and torch.where.
-    is_r = (r - maxc).sign_().add_(1.0)
-    is_g = (g - maxc).sign_().add_(1.0)
-    hue6 = torch.lerp(
-        torch.lerp(torch.add(r - g, chroma, alpha=4), torch.add(b - r, chroma, alpha=2), is_g), g - b, is_r
-    )
+    work = torch.empty_like(img)  # three scratch planes now, the ramp of all channels below
+    is_r, is_g, other = work[..., 0:1, :, :], work[..., 1:2, :, :], work[..., 2:3, :, :]
+    # Hue sector from the max channel; ties resolve r, then g, then b (as torchvision). The 0/1 masks are
+    # x >= max (i.e. x == max) written as float, and the selection is lerp, exact at weights 0 and 1: both
+    # far cheaper on CPU than bool masks and torch.where.
+    torch.ge(r, maxc, out=is_r)
+    torch.ge(g, maxc, out=is_g)
+    hue6 = torch.sub(r, g).add_(chroma, alpha=4)
+    hue6 = torch.lerp(hue6, torch.sub(b, r, out=other).add_(chroma, alpha=2), is_g, out=hue6)
+    hue6 = torch.lerp(hue6, torch.sub(g, b, out=other), is_r, out=hue6)
     # Rotate and wrap to [0, 6) on one plane; floor's rounding can leave h a hair outside, which the
     # circular distance below absorbs.
     hue6 = hue6.mul_(inv_chroma).add_(6.0 * factor)
-    hue6 = hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))
-    # One plane at a time: broadcasting (..., 1, H, W) against (3, 1, 1) hits a slow CPU path.
+    hue6 = hue6.sub_(torch.mul(hue6, 1.0 / 6.0, out=inv_chroma).floor_().mul_(6.0))
+    # All three channels at once against a full plane of each channel's centre (3, 5, 1 for r, g, b):
+    # broadcasting a (3, 1, 1) tensor instead hits a slow CPU path, and one op per plane costs 3 dispatches.
     # Everything below reads only maxc, chroma and hue6, so out may be img itself.
     out = torch.empty_like(img) if out is None else out
-    for channel, centre in enumerate((3.0, 5.0, 1.0)):
-        dist = (hue6 - centre).abs_()
-        ramp = torch.maximum(2.0 - dist, dist.sub_(4.0)).clamp_(0.0, 1.0)  # 2 - min(d, 6 - d)
-        torch.addcmul(maxc, chroma, ramp, value=-1.0, out=out[..., channel : channel + 1, :, :])
-    return out
+    dist = torch.sub(hue6.expand_as(out), _hue_centres(*img.shape[-2:], img.dtype), out=out).abs_()
+    ramp = torch.neg(dist, out=work).add_(2.0)  # 2 - d, rounded as 2.0 - d
+    ramp = torch.maximum(ramp, dist.sub_(4.0), out=ramp).clamp_(0.0, 1.0)  # 2 - min(d, 6 - d)
+    return torch.addcmul(maxc.expand_as(out), chroma.expand_as(out), ramp, value=-1.0, out=out)
+
+
+@functools.lru_cache(maxsize=8)
+def _hue_centres(height: int, width: int, dtype: torch.dtype) -> Tensor:
+    """``(3, height, width)`` planes of 3, 5 and 1: each channel's centre on the hue circle, in sixths."""
+    return torch.tensor((3.0, 5.0, 1.0), dtype=dtype).view(3, 1, 1).expand(3, height, width).contiguous()
 
 
 def color_jitter(
@@ -201,10 +215,13 @@ def color_jitter(
     generator: torch.Generator | None = None,
     *,
     inplace: bool = False,
+    grey: bool = False,
 ) -> Tensor:
     """torchvision ``ColorJitter``: a random order of the four ops, factors drawn once per call.
 
-    ``inplace=True`` overwrites ``img`` (no new image-sized buffers) and returns it.
+    ``inplace=True`` overwrites ``img`` (no new image-sized buffers) and returns it. ``grey=True`` says
+    every pixel of ``img`` has equal channels: the hue rotation, exactly the identity there (chroma 0), is
+    skipped (its factor is still drawn; the other ops keep the channels equal).
     """
     order = torch.randperm(4, generator=generator).tolist()
     factors = (
@@ -215,7 +232,8 @@ def color_jitter(
     )
     ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for i in order:
-        img = ops[i](img, factors[i], out=img if inplace else None)
+        if not (grey and i == 3):
+            img = ops[i](img, factors[i], out=img if inplace else None)
     return img
 
 
@@ -306,12 +324,22 @@ def normalize(
     out: Tensor | None = None,
 ) -> Tensor:
     """``(img - mean) / std`` per channel (into ``out``, which may be ``img``, when given)."""
-    mean_t = torch.tensor(mean, dtype=img.dtype).view(-1, 1, 1)
-    inv_std = 1.0 / torch.tensor(std, dtype=img.dtype).view(-1, 1, 1)
+    mean_t, inv_std = _mean_and_inv_std(tuple(mean), tuple(std), img.dtype)
     return torch.sub(img, mean_t, out=out).mul_(inv_std)
 
 
+@functools.lru_cache(maxsize=8)
+def _mean_and_inv_std(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(C, 1, 1)`` mean and 1 / std, made once: building them per crop cost ~2% of the multi-crop."""
+    return torch.tensor(mean, dtype=dtype).view(-1, 1, 1), 1.0 / torch.tensor(std, dtype=dtype).view(-1, 1, 1)
+
+
 # ---------------------------------------------------------------- DINOv2 multi-crop
+def is_grey(img: Tensor) -> bool:
+    """Whether all channels of a CHW image are equal (a colour image answers after a few pixels)."""
+    return all(torch.equal(img[0], img[c]) for c in range(1, img.shape[0]))
+
+
 class MultiCropTransform:
     """DINOv2's ``DataAugmentationDINO``: 2 global and ``local_crops_number`` local crops of one image.
 
@@ -328,6 +356,10 @@ class MultiCropTransform:
     (as DINOv2's PIL pipeline holds them before ``ToTensor``), for ``DeviceNormalize`` on the GPU. Random draws use torch's global RNG unless a ``generator`` is passed (see the
     module docstring for how DataLoader workers are seeded).
     """
+
+    # It makes an HWC copy of a uint8 image before cropping, so a (3, H, W) view of HWC memory (what
+    # ``decode_image(channels_last=True)`` returns; ShardStream asks for it) saves two image copies.
+    accepts_channels_last = True
 
     def __init__(
         self,
@@ -371,6 +403,7 @@ class MultiCropTransform:
         blur_prob: float,
         solarize_prob: float,
         generator: torch.Generator | None,
+        grey: bool = False,
     ) -> Tensor:
         if img.dtype == torch.uint8:
             # random_resized_crop + random_horizontal_flip with the same draws in the same order, but
@@ -383,7 +416,7 @@ class MultiCropTransform:
             x = random_horizontal_flip(x, generator=generator).contiguous()
         # x is this crop's own buffer from here on, so the colour ops and normalize overwrite it.
         if _coin(0.8, generator):
-            x = color_jitter(x, generator=generator, inplace=True)
+            x = color_jitter(x, generator=generator, inplace=True, grey=grey)
         if _coin(0.2, generator):
             x = rgb_to_grayscale(x, out=x)
         x = random_gaussian_blur(x, blur_prob, generator=generator, out=x)
@@ -397,13 +430,15 @@ class MultiCropTransform:
         if img.dtype == torch.uint8:
             # One HWC copy up front, so each crop reaches resize's uint8 channels_last path without its own.
             img = img.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        # The resize treats channels alike, so every crop of a grey image is grey too: its hue rotation is skipped.
+        grey = is_grey(img)
         g, gs = self.global_crops_size, self.global_crops_scale
         global_crops = [
-            self._crop(img, g, gs, self.global1_blur_prob, 0.0, generator),
-            self._crop(img, g, gs, self.global2_blur_prob, self.solarize_prob, generator),
+            self._crop(img, g, gs, self.global1_blur_prob, 0.0, generator, grey),
+            self._crop(img, g, gs, self.global2_blur_prob, self.solarize_prob, generator, grey),
         ]
         local_crops = [
-            self._crop(img, self.local_crops_size, self.local_crops_scale, self.local_blur_prob, 0.0, generator)
+            self._crop(img, self.local_crops_size, self.local_crops_scale, self.local_blur_prob, 0.0, generator, grey)
             for _ in range(self.local_crops_number)
         ]
         return {"global_crops": global_crops, "local_crops": local_crops}

@@ -223,6 +223,9 @@ class ShardStream(IterableDataset):
         self.shards = list(shards)
         self.transform = transform
         self.transform_takes_generator = _accepts_generator(transform)
+        # A transform that works channels-last anyway (MultiCropTransform) gets the decoder's HWC memory
+        # as it is, instead of a CHW copy that it would copy back.
+        self.channels_last = bool(getattr(transform, "accepts_channels_last", False))
         self.seed = seed
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
@@ -280,7 +283,9 @@ class ShardStream(IterableDataset):
             SKIPS.skip("no_image", url, f"sample {sample['__key__']} has {sorted(sample)}")
             return None, "no_image"
         try:
-            image = decode_image(sample[image_ext], min_side=self.min_side, draft_side=self.draft_side)
+            image = decode_image(
+                sample[image_ext], min_side=self.min_side, draft_side=self.draft_side, channels_last=self.channels_last
+            )
         except DecodeError as err:
             SKIPS.skip(err.reason, url, f"{sample['__key__']}: {err}")
             return None, err.reason
