@@ -21,20 +21,32 @@ ops per crop vs batched over stacked crops, all on this CPU (a GPU is not measur
     python scripts/bench_data.py
     python scripts/bench_data.py --photometric-batched
     python scripts/bench_data.py --images 128 --size 1024x768 --repeats 1
+    python scripts/bench_data.py --mixed
+    git archive COMMIT vitreg | tar -x -C /tmp/old && python scripts/bench_data.py --mixed --compare-with /tmp/old
+
+``--mixed`` (``--set mixed``) replaces the uniform JPEGs by a fixed-seed mix written straight to tar
+shards (no ``write_shards`` re-encoding): small JPEGs, progressive, grayscale and CMYK JPEGs, PNGs in
+``.png`` members and large JPEGs, in the proportions of ``MIXED_KINDS``; it also prints decode + crops
+img/s per kind, ours against the baseline. The end-to-end pipelines (and, per kind, decode + crops) run in
+turn within each repeat; ``--compare-with`` adds another checkout's pipeline to them, for before/after.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
+import os
 import random
 import shutil
 import statistics
+import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import PIL
@@ -63,7 +75,7 @@ from vitreg.data.transforms import (
     sample_crop_box,
     solarize,
 )
-from vitreg.data.webdataset import ShardStream
+from vitreg.data.webdataset import IMAGE_EXTENSIONS, ShardStream
 
 GLOBAL_SCALE, LOCAL_SCALE = (0.32, 1.0), (0.05, 0.32)
 # Grey levels of sensor-like grain: per pixel, and smooth over ~3 px. Without it the upscaled renders compress
@@ -71,7 +83,19 @@ GLOBAL_SCALE, LOCAL_SCALE = (0.32, 1.0), (0.05, 0.32)
 GRAIN_FINE, GRAIN_COARSE = 8.0, 16.0
 
 
-# ---------------------------------------------------------------- the shard set
+# ---------------------------------------------------------------- the shard sets
+def grainy_photo(shapes: SyntheticShapes, index: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like RGB image: a SyntheticShapes render upscaled to ``width`` x ``height``, plus grain."""
+    small, _ = shapes.render(index % len(shapes))
+    img = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    coarse = rng.normal(0.0, GRAIN_COARSE, (3, height // 3 + 1, width // 3 + 1)).astype(np.float32)
+    coarse = np.stack(
+        [np.asarray(Image.fromarray(c).resize((width, height), Image.Resampling.BILINEAR)) for c in coarse], -1
+    )
+    img = np.clip(img + coarse + rng.normal(0.0, GRAIN_FINE, img.shape), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(img)
+
+
 def make_shard_set(out: Path, images: int, width: int, height: int, quality: int) -> list[str]:
     """``images`` JPEGs of ``width`` x ``height`` written as shards under ``out``; returns the shard paths."""
     shapes = SyntheticShapes(images, image_size=max(16, min(width, height) // 2), seed=0)
@@ -80,15 +104,8 @@ def make_shard_set(out: Path, images: int, width: int, height: int, quality: int
     try:
         paths = []
         for i in range(images):  # small renders, upscaled: cheap to generate
-            small, _ = shapes.render(i)
-            img = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-            coarse = rng.normal(0.0, GRAIN_COARSE, (3, height // 3 + 1, width // 3 + 1)).astype(np.float32)
-            coarse = np.stack(
-                [np.asarray(Image.fromarray(c).resize((width, height), Image.Resampling.BILINEAR)) for c in coarse], -1
-            )
-            img = np.clip(img + coarse + rng.normal(0.0, GRAIN_FINE, img.shape), 0, 255).round().astype(np.uint8)
             path = jpg_dir / f"{i:06d}.jpg"
-            Image.fromarray(img).save(path, quality=quality)
+            grainy_photo(shapes, i, rng, width, height).save(path, quality=quality)
             paths.append(path)
         summary = write_shards(paths, out, prefix="bench", max_count=128, progress=False, overwrite=True)
     finally:
@@ -96,13 +113,83 @@ def make_shard_set(out: Path, images: int, width: int, height: int, quality: int
     return summary.shards
 
 
-def read_jpegs(shards: Iterable[str]) -> list[bytes]:
-    """The ``.jpg`` members of the shards, in order, read with tarfile (what the baseline reads)."""
+# The mixed set, per 20 images (kind: count, sizes, how it is saved). Sizes are drawn per image from the
+# listed range (small) or cycled (the others); every JPEG is quality ``--quality``, 4:2:0 (PIL's default).
+MIXED_KINDS: dict[str, tuple[int, str]] = {
+    "small": (5, "160x120 .. 300x200 RGB JPEG (either orientation)"),
+    "medium": (2, "500x375 RGB JPEG, baseline"),
+    "progressive": (3, "500x375 / 640x480 RGB JPEG, progressive"),
+    "gray": (2, "500x375 / 320x240 grayscale (L) JPEG"),
+    "cmyk": (2, "500x375 / 640x480 CMYK JPEG (Adobe, inverted, as PIL writes it)"),
+    "png": (3, "400x300 / 256x256 RGB PNG, stored as .png members (RGBA every third one)"),
+    "large": (3, "1600x1200 / 2500x1900 / 1200x1600 RGB JPEG"),
+}
+_MIXED_SIZES = {
+    "medium": [(500, 375)],
+    "progressive": [(500, 375), (640, 480)],
+    "gray": [(500, 375), (320, 240)],
+    "cmyk": [(500, 375), (640, 480)],
+    "png": [(400, 300), (256, 256)],
+    "large": [(1600, 1200), (2500, 1900), (1200, 1600)],
+}
+
+
+def mixed_kinds(images: int) -> list[str]:
+    """The kind of each of ``images`` samples: ``MIXED_KINDS`` proportions, shuffled with a fixed seed."""
+    cycle = [kind for kind, (count, _) in MIXED_KINDS.items() for _ in range(count)]
+    kinds = [cycle[i % len(cycle)] for i in range(images)]
+    random.Random(0).shuffle(kinds)
+    return kinds
+
+
+def encode_mixed(img: Image.Image, kind: int | str, nth: int, quality: int) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of one mixed-set sample of ``kind`` (``nth`` of its kind)."""
+    buf = io.BytesIO()
+    if kind == "png":
+        (img.convert("RGBA") if nth % 3 == 2 else img).save(buf, format="PNG")
+        return "png", buf.getvalue()
+    mode = {"gray": "L", "cmyk": "CMYK"}.get(kind, "RGB")
+    img.convert(mode).save(buf, format="JPEG", quality=quality, progressive=kind == "progressive")
+    return "jpg", buf.getvalue()
+
+
+def make_mixed_set(out: Path, images: int, quality: int, per_shard: int = 128) -> tuple[list[str], list[str]]:
+    """The mixed set written as tar shards under ``out``: ``(shard paths, kind of each sample in order)``."""
+    kinds = mixed_kinds(images)
+    shapes = SyntheticShapes(images, image_size=128, seed=0)
+    rng, size_rng = np.random.default_rng(0), random.Random(1)
+    seen: dict[str, int] = {}
+    shards: list[str] = []
+    for start in range(0, images, per_shard):
+        path = out / f"mixed-{start // per_shard:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(start, min(start + per_shard, images)):
+                kind, nth = kinds[i], seen.get(kinds[i], 0)
+                seen[kind] = nth + 1
+                if kind == "small":
+                    w, h = size_rng.randint(160, 300), size_rng.randint(120, 200)
+                    w, h = (w, h) if size_rng.random() < 0.75 else (h, w)
+                else:
+                    w, h = _MIXED_SIZES[kind][nth % len(_MIXED_SIZES[kind])]
+                ext, data = encode_mixed(grainy_photo(shapes, i, rng, w, h), kind, nth, quality)
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        shards.append(str(path))
+    return shards, kinds
+
+
+def read_images(shards: Iterable[str]) -> list[bytes]:
+    """The image members of the shards, in order, read with tarfile (what the baseline reads)."""
     blobs = []
     for shard in shards:
         with tarfile.open(shard) as tar:
-            blobs.extend(tar.extractfile(m).read() for m in tar if m.isfile() and m.name.endswith(".jpg"))
+            blobs.extend(tar.extractfile(m).read() for m in tar if m.isfile() and _is_image(m.name))
     return blobs
+
+
+def _is_image(name: str) -> bool:
+    return name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
 
 
 # ---------------------------------------------------------------- the PIL baseline
@@ -199,7 +286,7 @@ def pil_stream(shards: Iterable[str], transform: PilMultiCrop) -> Iterable[dict[
     for shard in shards:
         with tarfile.open(shard) as tar:
             for member in tar:
-                if member.isfile() and member.name.endswith(".jpg"):
+                if member.isfile() and _is_image(member.name):
                     yield transform(pil_decode(tar.extractfile(member).read()))
 
 
@@ -334,24 +421,98 @@ def bench_photometric(images: list[torch.Tensor], args: argparse.Namespace) -> d
 
 
 # ---------------------------------------------------------------- timing
-def rate(fn: Callable[[], int], repeats: int) -> tuple[float, float]:
-    """(median, best) items/s of ``fn`` (which returns how many items it processed) over ``repeats`` runs."""
-    rates = []
+def rate(fn: Callable[[], int], repeats: int) -> tuple[float, float, float]:
+    """(median, best, CPU-time median) items/s of ``fn`` (which returns how many items it processed) over
+    ``repeats`` runs. The CPU-time rate counts only this process's CPU seconds: on a shared machine it is far
+    steadier than wall time, which also counts the time other processes held the core."""
+    rates, cpu_rates = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         n = fn()
         rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates), max(rates)
+        cpu_rates.append(n / (time.process_time() - cpu_start))
+    return statistics.median(rates), max(rates), statistics.median(cpu_rates)
+
+
+def interleaved(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple[float, float, float]]:
+    """``rate`` of several pipelines, one run of each in turn per repeat, so a slow spell on a shared
+    machine hits them alike."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            n = fn()
+            runs[name].append((n / (time.perf_counter() - start), n / (time.process_time() - cpu_start)))
+    return {
+        name: (statistics.median(w for w, _ in r), max(w for w, _ in r), statistics.median(c for _, c in r))
+        for name, r in runs.items()
+    }
+
+
+def load_other_vitreg(root: Path) -> SimpleNamespace:
+    """``ShardStream``, ``MultiCropTransform`` and ``decode_image`` of the vitreg checkout at ``root`` (e.g. a
+    ``git archive`` of an older commit), imported beside this one: its modules are swapped into
+    ``sys.modules`` only while they import, and keep their own globals afterwards."""
+    mine = {name: mod for name, mod in sys.modules.items() if name == "vitreg" or name.startswith("vitreg.")}
+    for name in mine:
+        del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        webdataset = importlib.import_module("vitreg.data.webdataset")
+        transforms = importlib.import_module("vitreg.data.transforms")
+        decode = importlib.import_module("vitreg.data.decode")
+    finally:
+        sys.path.remove(str(root))
+        for name in [n for n in sys.modules if n == "vitreg" or n.startswith("vitreg.")]:
+            del sys.modules[name]
+        sys.modules.update(mine)
+    if not Path(decode.__file__).resolve().is_relative_to(root.resolve()):
+        raise SystemExit(f"--compare-with {root}: imported {decode.__file__} instead; is vitreg/ under it?")
+    return SimpleNamespace(
+        ShardStream=webdataset.ShardStream,
+        MultiCropTransform=transforms.MultiCropTransform,
+        decode_image=decode.decode_image,
+    )
 
 
 def consume(iterable: Iterable) -> int:
     return sum(1 for _ in iterable)
 
 
+def decode_ours(data: bytes, draft: int, decode: Callable[..., torch.Tensor] = decode_image) -> torch.Tensor:
+    """``decode_image`` as ``ShardStream`` calls it for ``MultiCropTransform`` (HWC memory where supported)."""
+    try:
+        return decode(data, draft_side=draft, channels_last=True)
+    except TypeError:  # a vitreg from before channels_last (--compare-with)
+        return decode(data, draft_side=draft)
+
+
+def print_per_kind(
+    blobs: list[bytes], kinds: list[str], pipelines: dict[str, Callable[[bytes], object]], repeats: int
+) -> None:
+    """img/s of decode + multi-crop per image kind of the mixed set (bytes in memory), the pipelines run in
+    turn; ratios against the first (the PIL baseline), and of ours against a compared checkout."""
+    names = list(pipelines)
+    header = "".join(f" {n:>8s}" for n in names) + "".join(f" {n + '/PIL':>10s}" for n in names[1:])
+    print(f"\n{'per kind: decode + crops, img/s':30s}{header} {'CPU ratios':>10s}")
+    for kind in MIXED_KINDS:
+        mine = [b for b, k in zip(blobs, kinds, strict=True) if k == kind]
+        if not mine:
+            continue
+        fns = {n: (lambda fn=fn: consume(fn(b) for b in mine)) for n, fn in pipelines.items()}  # noqa: B023
+        rates = interleaved(fns, repeats)
+        wall = "".join(f" {rates[n][0]:8.1f}" for n in names)
+        ratios = "".join(f" {rates[n][0] / rates[names[0]][0]:9.2f}x" for n in names[1:])
+        cpu = " ".join(f"{rates[n][2] / rates[names[0]][2]:.2f}x" for n in names[1:])
+        print(f"{kind + f' ({len(mine)})':30s}{wall}{ratios}  {cpu}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256, help="generated JPEGs (512 takes ~3 min on 2 cores)")
-    parser.add_argument("--size", default="500x375", help="WxH of the generated JPEGs")
+    parser.add_argument("--set", choices=("uniform", "mixed"), default="uniform", help="uniform JPEGs or the mixed set")
+    parser.add_argument("--mixed", action="store_const", const="mixed", dest="set", help="same as --set mixed")
+    parser.add_argument("--size", default="500x375", help="WxH of the generated JPEGs (uniform set)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated images")
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=98)
@@ -360,6 +521,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="shard folder (default: a temporary one)")
     parser.add_argument("--photometric-batched", action="store_true", help="also measure batched photometric ops")
     parser.add_argument("--batch", type=int, default=64, help="images per batch for --photometric-batched")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        help="root of another vitreg checkout (e.g. git archive of an older commit): its ShardStream runs too, in turn",
+    )
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
 
@@ -368,12 +535,17 @@ def main() -> None:
     out = args.out or Path(tmp.name)
     try:
         t0 = time.perf_counter()
-        shards = make_shard_set(out, args.images, width, height, args.quality)
-        blobs = read_jpegs(shards)
+        if args.set == "mixed":
+            shards, kinds = make_mixed_set(out, args.images, args.quality)
+            what = f"mixed set ({', '.join(f'{k} {kinds.count(k)}' for k in MIXED_KINDS)}), JPEG q{args.quality}"
+        else:
+            shards = make_shard_set(out, args.images, width, height, args.quality)
+            kinds, what = [], f"JPEGs {width}x{height} q{args.quality}"
+        blobs = read_images(shards)
         print(
             f"torch={torch.__version__} threads={torch.get_num_threads()} Pillow={PIL.__version__} "
-            f"simplejpeg={simplejpeg.__version__} numpy={np.__version__}\n"
-            f"{len(blobs)} JPEGs {width}x{height} q{args.quality} in {len(shards)} shards, "
+            f"simplejpeg={simplejpeg.__version__} numpy={np.__version__} load average={os.getloadavg()[0]:.2f}\n"
+            f"{len(blobs)} images, {what}, in {len(shards)} shards, "
             f"mean {np.mean([len(b) for b in blobs]) / 1e3:.1f} kB (generated in {time.perf_counter() - t0:.0f} s); "
             f"crops 2x{args.global_size} + {args.local_crops}x{args.local_size}, repeats={args.repeats} (median, best)"
         )
@@ -386,6 +558,18 @@ def main() -> None:
         def ours_pipeline() -> int:
             stream = ShardStream(shards, ours, resampled=False, shuffle_buffer=1, draft_side=draft, rank_world=(0, 1))
             return consume(stream)
+
+        other = load_other_vitreg(args.compare_with) if args.compare_with else None
+        if other is not None:
+            theirs = other.MultiCropTransform(
+                global_crops_size=args.global_size,
+                local_crops_size=args.local_size,
+                local_crops_number=args.local_crops,
+            )
+
+            def other_pipeline() -> int:
+                kwargs = {"resampled": False, "shuffle_buffer": 1, "draft_side": draft, "rank_world": (0, 1)}
+                return consume(other.ShardStream(shards, theirs, **kwargs))
 
         sizes = crop_specs(args)
 
@@ -401,29 +585,45 @@ def main() -> None:
             return consume(stream)
 
         torch.manual_seed(0)
-        rows: list[tuple[str, float, float]] = []
-        decoded = [decode_image(b, draft_side=draft) for b in blobs]
+        rows: list[tuple[str, float, float, float]] = []
+        decoded = [decode_ours(b, draft) for b in blobs]
         pil_images = [pil_decode(b) for b in blobs]
         for name, fn in (
             ("decode  PIL open+convert(RGB)", lambda: consume(pil_decode(b) for b in blobs)),
-            ("decode  decode_image(draft_side)", lambda: consume(decode_image(b, draft_side=draft) for b in blobs)),
+            ("decode  decode_image(draft_side)", lambda: consume(decode_ours(b, draft) for b in blobs)),
             ("decode  decode_image(no draft)", lambda: consume(decode_image(b) for b in blobs)),
             ("crops   PIL baseline", lambda: consume(baseline(img) for img in pil_images)),
             ("crops   MultiCropTransform", lambda: consume(ours(img) for img in decoded)),
-            ("total   PIL baseline (tar->crops)", lambda: consume(pil_stream(shards, baseline))),
-            ("total   ours: ShardStream", ours_pipeline),
             *([("total   ours, geometric only (uint8)", geometric_worker)] if args.photometric_batched else []),
         ):
             rows.append((name, *rate(fn, args.repeats)))
-        print(f"\n{'per worker, 1 thread':36s} {'img/s':>8s} {'best':>8s} {'ms/img':>8s}")
-        for name, median, best in rows:
-            print(f"{name:36s} {median:8.1f} {best:8.1f} {1e3 / median:8.2f}")
-        speed = {name: median for name, median, _ in rows}
-        print(
-            f"\nours / baseline: total {speed['total   ours: ShardStream'] / speed['total   PIL baseline (tar->crops)']:.2f}x, "
-            f"decode {speed['decode  decode_image(draft_side)'] / speed['decode  PIL open+convert(RGB)']:.2f}x, "
-            f"crops {speed['crops   MultiCropTransform'] / speed['crops   PIL baseline']:.2f}x"
-        )
+        totals = {"total   PIL baseline (tar->crops)": lambda: consume(pil_stream(shards, baseline))}
+        totals["total   ours: ShardStream"] = ours_pipeline
+        if other is not None:
+            totals["total   compared: ShardStream"] = other_pipeline
+        rows += [(name, *r) for name, r in interleaved(totals, args.repeats).items()]
+        print(f"\n{'per worker, 1 thread':36s} {'img/s':>8s} {'best':>8s} {'ms/img':>8s} {'CPU img/s':>10s}")
+        for name, median, best, cpu in rows:
+            print(f"{name:36s} {median:8.1f} {best:8.1f} {1e3 / median:8.2f} {cpu:10.1f}")
+        for clock, column in (("wall", 1), ("CPU time", 3)):
+            speed = {row[0]: row[column] for row in rows}
+            print(
+                f"{'' if column == 3 else chr(10)}ours / baseline ({clock}): "
+                f"total {speed['total   ours: ShardStream'] / speed['total   PIL baseline (tar->crops)']:.2f}x, "
+                f"decode {speed['decode  decode_image(draft_side)'] / speed['decode  PIL open+convert(RGB)']:.2f}x, "
+                f"crops {speed['crops   MultiCropTransform'] / speed['crops   PIL baseline']:.2f}x"
+                + (
+                    f"; ours / compared total {speed['total   ours: ShardStream'] / speed['total   compared: ShardStream']:.2f}x"
+                    if other is not None
+                    else ""
+                )
+            )
+
+        if kinds:
+            pipelines = {"PIL": lambda b: baseline(pil_decode(b)), "ours": lambda b: ours(decode_ours(b, draft))}
+            if other is not None:
+                pipelines["compared"] = lambda b: theirs(decode_ours(b, draft, other.decode_image))
+            print_per_kind(blobs, kinds, pipelines, args.repeats)
 
         if args.photometric_batched:
             sec = bench_photometric(decoded, args)
