@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -199,9 +200,10 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     )
     callbacks.append(perf)  # perf/* metrics every log_every_n_steps, to every logger
     # enable_progress_bar=false: neither bar nor lines; else trainer.progress picks (auto: lines off a TTY)
-    lines = cfg.trainer.enable_progress_bar and progress_mode(cfg.trainer.progress) == "lines"
-    if lines:  # a ProgressBar callback: Lightning adds no tqdm bar of its own
-        callbacks.append(LineProgress(perf))
+    if cfg.trainer.enable_progress_bar:  # a ProgressBar callback: Lightning adds no bar of its own
+        lines = progress_mode(cfg.trainer.progress) == "lines"
+        # the bar is tqdm's, named: Lightning's default turns into a Rich bar whenever `rich` is installed
+        callbacks.append(LineProgress(perf) if lines else TQDMProgressBar())
     callbacks.extend(extra_callbacks or [])
     if resume and "wandb" in active_loggers(cfg.logger):
         restore_wandb_id(resume, run_dir)  # before the logger is built, so it continues the same run
