@@ -53,6 +53,7 @@ SKIP: tuple[tuple[str, str], ...] = (
     (r"^wandb sync\b", "uploads offline runs to the W&B server (network, credentials)"),
     (r"^bash \.\./shared/gpu/", "stages the GPU check on the GPU machine"),
     (r"-m pytest -m gpu\b", "the GPU tests, skipped without a GPU"),
+    (r"^git archive\b", "extracts an older commit for a before/after benchmark (a shallow clone may lack it)"),
 )
 if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:  # the optional `slurm` extra
     SKIP += (

@@ -26,7 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitreg.models import build_vit, load_dinov2_backbone
+from tests.models.test_export_hf import random_model
+from vitreg.models import load_dinov2_backbone
 from vitreg.models.export import export_backbone
 from vitreg.models.export_hf import ExportError, load_safetensors
 from vitreg.models.export_timm import hub_state_dict_from_timm, timm_create_line, timm_kwargs, timm_state_dict
@@ -35,16 +36,6 @@ P = 14
 SIZES = [(56, 56), (42, 42), (84, 84), (42, 70)]
 # the DINOv2 entry points of timm/models/vision_transformer.py
 TIMM_DINOV2_NAMES = {f"vit_{s}_patch14{r}_dinov2" for s in ("small", "base", "large", "giant") for r in ("", "_reg4")}
-
-
-def random_model(**overrides) -> torch.nn.Module:
-    kwargs = {"embed_dim": 64, "depth": 2, "num_heads": 2, "patch_size": P, "img_size": 56, **overrides}
-    model = build_vit("vitt", **kwargs).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def timm_shapes(kw: dict) -> dict[str, tuple[int, ...]]:

@@ -307,3 +307,16 @@ class SlurmCluster:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(parts)
+
+
+def wait_until(condition, timeout: float, what: str, cluster: SlurmCluster, detail=None, poll: float = 0.5):
+    """Poll ``condition`` until it returns something truthy (returned); on timeout fail with ``what``, the
+    optional ``detail()`` and the tail of the cluster's logs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    extra = f"; {detail()}" if detail is not None else ""
+    raise AssertionError(f"timed out waiting for {what}{extra}\n{cluster.logs_tail()}")

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from tests.conftest import TINY
-from tests.slurm.cluster import TERMINAL_STATES, SlurmCluster
+from tests.slurm.cluster import TERMINAL_STATES, SlurmCluster, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "sweep_registers.sbatch"
@@ -75,16 +75,6 @@ def task_records(cluster: SlurmCluster, job: str) -> dict[int, dict[str, str]]:
     return out
 
 
-def wait_until(condition, timeout: float, what: str, cluster: SlurmCluster, job: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}; tasks: {task_records(cluster, job)}\n{cluster.logs_tail()}")
-
-
 def run_dir_of(output_root: Path, job: str, task: int) -> Path | None:
     found = sorted((output_root / "demo").glob(f"array{job}_{task}-*"))
     assert len(found) <= 1, f"array task {task} has several run directories: {found}"
@@ -106,6 +96,10 @@ def test_register_sweep_array_with_preemption_and_requeue(slurm_cluster: SlurmCl
     cluster = slurm_cluster
     output_root = tmp_path / "out"
     job = submit_sweep(cluster, tmp_path, sweep_overrides(output_root, tmp_path / "cache"))
+
+    def tasks() -> str:  # what a timeout reports besides the cluster's logs
+        return f"tasks: {task_records(cluster, job)}"
+
     signalled = f"{job}_{SIGNALLED_TASK}"
 
     # 1. Signal one task once its first checkpoint exists (it is mid-run then).
@@ -113,7 +107,7 @@ def test_register_sweep_array_with_preemption_and_requeue(slurm_cluster: SlurmCl
         run_dir = run_dir_of(output_root, job, SIGNALLED_TASK)
         return run_dir if run_dir and (run_dir / "checkpoints" / "last.ckpt").exists() else None
 
-    run_dir = wait_until(first_checkpoint, TIMEOUT_S, "the first checkpoint of the signalled task", cluster, job)
+    run_dir = wait_until(first_checkpoint, TIMEOUT_S, "the first checkpoint of the signalled task", cluster, tasks)
     assert task_records(cluster, job)[SIGNALLED_TASK]["JobState"] == "RUNNING"
     cluster.run(["scancel", "--signal=USR1", signalled])
 
@@ -122,7 +116,7 @@ def test_register_sweep_array_with_preemption_and_requeue(slurm_cluster: SlurmCl
         record = task_records(cluster, job).get(SIGNALLED_TASK, {})
         return record.get("Restarts") == "1" and record.get("JobState") in ("PENDING", "REQUEUED")
 
-    wait_until(requeued, 60, "the signalled task to be requeued", cluster, job)
+    wait_until(requeued, 60, "the signalled task to be requeued", cluster, tasks)
     cluster.run(["scontrol", "update", f"JobId={signalled}", "StartTime=now"])
 
     # 3. Every task finishes.
@@ -131,7 +125,7 @@ def test_register_sweep_array_with_preemption_and_requeue(slurm_cluster: SlurmCl
         done = len(records) == len(REGISTERS) and all(r["JobState"] in TERMINAL_STATES for r in records.values())
         return records if done else None
 
-    records = wait_until(all_done, TIMEOUT_S - (time.monotonic() - started), "all array tasks to end", cluster, job)
+    records = wait_until(all_done, TIMEOUT_S - (time.monotonic() - started), "all array tasks to end", cluster, tasks)
     elapsed = time.monotonic() - started
 
     logs = {task: (tmp_path / f"slurm-{job}_{task}.out").read_text() for task in range(len(REGISTERS))}

@@ -10,30 +10,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import TINY
-from tests.slurm.cluster import SlurmCluster
+from tests.slurm.cluster import SlurmCluster, wait_until
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra: pip install 'vitreg[slurm]'")
 REPO = Path(__file__).resolve().parents[2]
 REGISTERS = [0, 2]
 MAX_STEPS = 40
 TIMEOUT_S = 300
-
-
-def wait_until(condition, timeout: float, what: str, cluster: SlurmCluster, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}\n{cluster.logs_tail()}")
 
 
 @pytest.mark.slow
