@@ -53,7 +53,8 @@ def step_flops(cfg: DictConfig, batch: dict | None = None, seed: int = 0) -> int
 
     from vitreg.lit.module import build_objective
 
-    cfg = OmegaConf.merge(cfg, {"model": {"pretrained_weights": None}})  # shapes only: never read a file
+    # shapes only: never read a file; SDPA whatever the run's kernel (the same FLOPs; xformers has no CPU kernel)
+    cfg = OmegaConf.merge(cfg, {"model": {"pretrained_weights": None, "attn_backend": "sdpa"}})
     batch = representative_batch(cfg, cfg.data.batch_size_per_device, seed) if batch is None else batch
     with torch.device("meta"):
         objective = build_objective(cfg)
