@@ -144,7 +144,7 @@ class FinalCheckpoint(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step > 0 and self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(str(self.path))
+            trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state: resumable
 
 
 # ------------------------------------------------------------------------------------ reading
