@@ -31,7 +31,17 @@ class BlockDtypes(L.Callback):
         self.masters = {p.dtype for p in pl_module.objective.student.parameters()}
 
 
+@pytest.fixture
+def own_process_group():
+    """The one-device FSDP2 run sets up a process group in this pytest process: tear it down after, so the
+    multi-process tests that follow can make their own."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_process_group")
 def test_one_device_fsdp_computes_in_bf16_and_keeps_fp32_master_weights(tmp_path):
     watch = BlockDtypes()
     cfg = compose_config([*TINY, "trainer=fsdp", "trainer.devices=1", "trainer.accelerator=cpu",

@@ -226,7 +226,7 @@ class PreemptionHandler(L.Callback):
         log.warning(
             "preemption: rank %d: %s; saving %s at global step %d and stopping", rank, got, self.checkpoint_path, step
         )
-        trainer.save_checkpoint(str(self.checkpoint_path), weights_only=False)  # the full state: resumable
+        trainer.save_checkpoint(str(self.checkpoint_path))
         if trainer.is_global_zero:
             log.warning("preemption: saved checkpoint at global step %d to %s", step, self.checkpoint_path)
             if self._received and all(s == signal.SIGINT for s in self._received):
