@@ -307,8 +307,9 @@ class DeviceNormalize(torch.nn.Module):
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        mean_t, inv_std = _mean_and_inv_std(tuple(mean), tuple(std), torch.float32)  # normalize's constants
+        self.register_buffer("mean", mean_t.clone(), persistent=False)  # clones: .to(device) must not move the cache
+        self.register_buffer("inv_std", inv_std.clone(), persistent=False)
 
     def forward(self, crops: Tensor) -> Tensor:
         if crops.dtype != torch.uint8:

@@ -97,11 +97,10 @@ def compile_heads_and_losses(objective: nn.Module, backend: str = DEFAULT_BACKEN
     (no iBOT, or iBOT padded to the upperbound); returns how many were compiled now."""
     if not isinstance(objective, DINOv2Objective) or (objective.do_ibot and not objective.cfg.pad_masked_tokens):
         return 0
-    modules = [*objective.student.values(), *objective.teacher.values(), objective.losses]
+    heads = [m for tree in (objective.student, objective.teacher) for name, m in tree.items() if name != "backbone"]
     newly = 0
-    for module in modules:
-        if module is objective.student.backbone or module is objective.teacher.backbone or is_compiled(module):
-            continue
-        module.compile(backend=backend, fullgraph=True, dynamic=False)
-        newly += 1
+    for module in [*heads, objective.losses]:
+        if not is_compiled(module):
+            module.compile(backend=backend, fullgraph=True, dynamic=False)
+            newly += 1
     return newly

@@ -102,7 +102,8 @@ class PerfMonitor(L.Callback):
         peak_flops_override: float | None = None,
     ) -> None:
         self.images_per_step = images_per_step
-        self.flops_per_image = float(flops_per_image) if isinstance(flops_per_image, int) else flops_per_image
+        self.flops_per_image = flops_per_image  # as given: a figure, or the function that counts it
+        self._flops: float | None = None  # the figure perf/mfu uses, once known
         self.peak_flops_override = peak_flops_override
         self.latest: dict[str, float] = {}  # the last window's metrics (the progress lines print them)
         self._clock: Clock | None = None
@@ -117,13 +118,15 @@ class PerfMonitor(L.Callback):
         self._clock = Clock(self._device)
         self._peak_flops = self.peak_flops_override or peak_flops(self._device)
         self._before, self._steps, self._read_at = None, [], -1
-        if self._peak_flops and callable(self.flops_per_image) and trainer.is_global_zero:
-            self.flops_per_image = self._count_flops(self.flops_per_image)
+        if self._peak_flops and self._flops is None and self.flops_per_image is not None and trainer.is_global_zero:
+            self._flops = self._count_flops(self.flops_per_image)
 
     @staticmethod
-    def _count_flops(count: Callable[[], float]) -> float | None:
+    def _count_flops(given: float | Callable[[], float]) -> float | None:
+        if not callable(given):
+            return float(given)
         try:
-            flops = float(count())
+            flops = float(given())
         except Exception as error:  # a metric must never stop a run
             log.warning("perf/mfu is off: counting the step's FLOPs failed (%s: %s)", type(error).__name__, error)
             return None
@@ -182,7 +185,7 @@ class PerfMonitor(L.Callback):
             "perf/data_wait_frac": min(max(between / total, 0.0), 1.0) if total > 0 else 0.0,
             "perf/peak_mem_gib": peak_memory_gib(self._device),
         }
-        if isinstance(self.flops_per_image, float) and self._peak_flops:
-            metrics["perf/mfu"] = per_device * self.flops_per_image / self._peak_flops
+        if self._flops and self._peak_flops:
+            metrics["perf/mfu"] = per_device * self._flops / self._peak_flops
         self.latest = metrics
         return metrics

@@ -58,9 +58,9 @@ class MaskedTokens:
     def from_batch(cls, batch: dict, pad: bool) -> MaskedTokens:
         indices, weights = batch["mask_indices"], batch["masks_weight"]
         count = indices.shape[0]  # the shape is host metadata: no sync
-        extra = max(int(batch.get("upperbound", 0)) - count, 0) if pad else 0
         if not pad:
             return cls(indices, weights, None, count)
+        extra = max(int(batch.get("upperbound", 0)) - count, 0)
         if extra:
             indices = torch.cat([indices, indices.new_zeros(extra)])
             weights = torch.cat([weights, weights.new_zeros(extra)])
