@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,28 @@ def test_command_line_entry_points_never_run_code(tmp_path, marker):
         )
         assert result.returncode != 0, f"{command} accepted the file"
         assert not marker.exists(), f"{command} executed code from the file"
+
+
+def test_resuming_a_sharded_directory_never_unpickles_code_from_its_metadata(tmp_path, marker):
+    # DCP's own reader unpickles ``.metadata`` with plain pickle (it ran the payload before this check): the
+    # strategy vets it with the restricted unpickler first, so a planted index is refused and runs nothing
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from vitreg.lit.strategies import FSDP2Strategy
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    torch.save({"global_step": 9}, folder / "meta.pt")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        strategy = FSDP2Strategy()
+        strategy.model = torch.nn.Linear(2, 2)  # a sharded model to resume into, as fit sets it up
+        fully_shard(strategy.model)
+        strategy._lightning_module = types.SimpleNamespace(strict_loading=True)
+        with pytest.raises(pickle.UnpicklingError, match=r"not a torch\.distributed\.checkpoint metadata class"):
+            strategy.load_checkpoint(folder)
+    finally:
+        dist.destroy_process_group()
+    assert not marker.exists()

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vitreg.utils.io import fsync_directory, load_weights_only
+from vitreg.utils.sharded import read_sharded_metadata
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if path.is_file():  # a full checkpoint from trainer=ddp or one process
             checkpoint = self._load_full_checkpoint(path)
-        else:
+        else:  # DCP's reader unpickles .metadata with plain pickle: vet it with the restricted unpickler first
+            read_sharded_metadata(path)
             checkpoint = super().load_checkpoint(path, weights_only=True)
         _warn_world_size_change(saved_world_size(checkpoint), self.world_size, path)
         return checkpoint
