@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import random
 import tarfile
 from collections import Counter
@@ -28,10 +27,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vitreg.data.decode import DecodeError, decode_image
+from vitreg.utils.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +105,6 @@ def buffer_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterato
         yield item
     rng.shuffle(buffer)
     yield from buffer
-
-
-def rank_and_world() -> tuple[int, int]:
-    """The global rank and world size: torch.distributed when initialised, else RANK/WORLD_SIZE
-    (torchrun), else SLURM_PROCID/SLURM_NTASKS (srun), else a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_key in os.environ and world_key in os.environ:
-            return int(os.environ[rank_key]), int(os.environ[world_key])
-    return 0, 1
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -241,7 +229,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0  # part of every seed: set it between passes for a new order of the same shards
         # Resolved here, in the rank's main process: DataLoader workers do not see the process
         # group (and under Lightning's launcher or srun not RANK either).
-        self.rank, self.world = rank_world or rank_and_world()
+        self.rank, self.world = rank_world or rank_and_world(launcher_env=True)
 
     def _stream_position(self) -> tuple[int, int, int, int]:
         """(rank, world, logical worker, workers) of the calling process."""
