@@ -16,17 +16,11 @@ import torch
 import torch.distributed as dist
 
 from vitreg.eval.data import eval_loader, eval_transform
-from vitreg.eval.distributed import (
-    all_reduce_mean_,
-    average_gradients_,
-    broadcast_,
-    gather_in_order,
-    gather_rows,
-    rank_world,
-)
+from vitreg.eval.distributed import gather_in_order
 from vitreg.eval.features import extract_features
 from vitreg.eval.knn import evaluate_knn, knn_accuracy, knn_class_scores, knn_classify
 from vitreg.models.vision_transformer import build_vit
+from vitreg.utils.distributed import all_reduce_many_, average_gradients_, broadcast_, gather_rows, rank_and_world
 
 N_ROWS = 7  # odd: the ranks hold 4 and 3 samples
 KNN_KS = (1, 5, 20, 30)  # 30 > a rank's shard of the 41-sample bank: exercises the padding
@@ -86,7 +80,7 @@ def scenario_reduce(rank: int, world: int) -> dict:
         extra.grad = torch.full_like(extra, 4.0)  # rank 1 has no gradient: takes part with zeros
     average_gradients_([*layer.parameters(), extra])
     value = torch.tensor([float(rank), 10.0 * rank])
-    all_reduce_mean_([value])
+    all_reduce_many_([value], "mean")
     start = torch.full((2,), float(rank))
     broadcast_([start], src=1)
     return {"grads": [p.grad for p in layer.parameters()], "extra": extra.grad, "mean": value, "broadcast": start}
@@ -126,7 +120,7 @@ SCENARIOS = {
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
     dist.init_process_group("gloo")
-    rank, world = rank_world()
+    rank, world = rank_and_world()
     torch.set_num_threads(1)
     failed = False
     for name, scenario in SCENARIOS.items():

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from tests.eval import dist_worker as worker
-from vitreg.eval.distributed import all_reduce_mean_, average_gradients_, gather_in_order, gather_rows, rank_world
+from vitreg.eval.distributed import gather_in_order
 from vitreg.eval.features import extract_features
 from vitreg.eval.knn import evaluate_knn, knn_accuracy, knn_class_scores, knn_classify
+from vitreg.utils.distributed import all_reduce_many_, average_gradients_, gather_rows, rank_and_world
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -62,7 +63,7 @@ def load(out: Path, name: str) -> list[dict]:
 
 
 def test_one_process_is_the_trivial_case():
-    assert rank_world() == (0, 1)
+    assert rank_and_world() == (0, 1)
     t = torch.randn(5, 2)
     assert gather_in_order(t) is t and gather_rows(t) is t
     assert torch.equal(gather_in_order(t[[3, 0, 4]], torch.tensor([3, 0, 4])), t[[0, 3, 4]])
@@ -71,7 +72,7 @@ def test_one_process_is_the_trivial_case():
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.ones(2)
     average_gradients_([p])
-    all_reduce_mean_([p.grad])
+    all_reduce_many_([p.grad], "mean")
     assert p.grad.tolist() == [1.0, 1.0]
 
 

@@ -67,7 +67,7 @@ def test_a_terminal_gets_a_bar_and_other_ranks_nothing(monkeypatch):
     tty = Tty()
     list(track(range(5), "linear grid training", stream=tty, mode="auto"))
     assert "\r" in tty.getvalue() and "5/5" in tty.getvalue()  # tqdm's bar
-    monkeypatch.setattr(progress_mod, "rank_world", lambda: (1, 2))
+    monkeypatch.setattr(progress_mod, "rank_and_world", lambda: (1, 2))
     other = io.StringIO()
     list(track(range(5), "linear grid training", stream=other, mode="lines"))
     assert other.getvalue() == ""

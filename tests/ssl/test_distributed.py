@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.ssl import reference as ref
-from vitreg.ssl.distributed import all_reduce_mean_, all_reduce_sum_, is_dist, world_size
 from vitreg.ssl.targets import Centering, sinkhorn_knopp
+from vitreg.utils.distributed import all_reduce_, is_initialized, rank_and_world
 
 N, K, TEMP = 8, 12, 0.1
 UNEVEN = (3, 5)  # rows per rank for the iBOT-like case
@@ -39,9 +39,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        res: dict[str, object] = {"is_dist": is_dist(), "world_size": world_size()}
-        res["sum"] = all_reduce_sum_(torch.tensor([1.0, 10.0]) * (rank + 1))
-        res["mean"] = all_reduce_mean_(torch.tensor([1.0, 10.0]) * (rank + 1))
+        res: dict[str, object] = {"is_initialized": is_initialized(), "rank_and_world": rank_and_world()}
+        res["sum"] = all_reduce_(torch.tensor([1.0, 10.0]) * (rank + 1), "sum")
+        res["mean"] = all_reduce_(torch.tensor([1.0, 10.0]) * (rank + 1), "mean")
 
         x = whole_batch()
         even = x.chunk(2)[rank]
@@ -49,7 +49,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         start = 0 if rank == 0 else UNEVEN[0]
         uneven = x[start : start + UNEVEN[rank]]
         # DINOv2's iBOT: B is the all-reduced count of masked tokens
-        count = all_reduce_sum_(torch.tensor([float(len(uneven))]))
+        count = all_reduce_(torch.tensor([float(len(uneven))]), "sum")
         res["sk_uneven_count"] = sinkhorn_knopp(uneven, TEMP, total_count=count)
         res["sk_uneven_default"] = sinkhorn_knopp(uneven, TEMP)  # n * world differs per rank: wrong on purpose
 
@@ -70,10 +70,10 @@ def test_two_gloo_ranks_match_one_process_with_the_whole_batch(tmp_path):
     x_np = x.double().numpy()
 
     for r in (r0, r1):
-        assert r["is_dist"] and r["world_size"] == 2
+        assert r["is_initialized"] and r["rank_and_world"][1] == 2
         torch.testing.assert_close(r["sum"], torch.tensor([3.0, 30.0]))
         torch.testing.assert_close(r["mean"], torch.tensor([1.5, 15.0]))
-    assert not is_dist() and world_size() == 1  # nothing leaked into the parent
+    assert not is_initialized() and rank_and_world() == (0, 1)  # nothing leaked into the parent
 
     whole = ref.sinkhorn_knopp(x_np, TEMP)
     np.testing.assert_allclose(torch.cat([r0["sk_even"], r1["sk_even"]]).numpy(), whole, rtol=1e-4, atol=1e-7)

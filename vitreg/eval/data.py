@@ -46,7 +46,7 @@ from vitreg.data.webdataset import (
     parse_label,
     sample_seed,
 )
-from vitreg.eval.distributed import rank_world
+from vitreg.utils.distributed import rank_and_world
 
 # DINOv2 evaluates at 224 px after resizing the shorter side to 256: the same ratio at other resolutions.
 RESIZE_RATIO = 256 / 224
@@ -511,8 +511,8 @@ def eval_loader(
     pin_memory: bool | None = None,
 ) -> DataLoader:
     """A DataLoader of ``(images, labels, indices)`` batches over this rank's share of ``source``
-    (``rank_world()``); see ``LabelledImages``. Not ``drop_last``: every sample is read."""
-    rank, world = rank_world()
+    (``rank_and_world()``); see ``LabelledImages``. Not ``drop_last``: every sample is read."""
+    rank, world = rank_and_world()
     dataset = LabelledImages(
         source,
         transform,

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from vitreg.eval.distributed import all_reduce_sum_, gather_in_order, rank_world
+from vitreg.eval.distributed import gather_in_order
 from vitreg.eval.progress import track
+from vitreg.utils.distributed import all_reduce_many_, rank_and_world
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _unpack(batch, position: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(images, labels, indices)``; a 2-tuple batch gets running indices (one process only)."""
     if len(batch) >= 3:
         return batch[0], torch.as_tensor(batch[1]), torch.as_tensor(batch[2])
-    if rank_world()[1] > 1:
+    if rank_and_world()[1] > 1:
         raise ValueError(
             "extract_features needs (images, labels, indices) batches when distributed, to put the ranks' samples "
             "back in order; use vitreg.eval.data.eval_loader"
@@ -139,8 +140,8 @@ def extract_features(
         cls, patch_mean, labels, new_indices = (gather_in_order(t, indices) for t in (cls, patch_mean, labels, indices))
         indices = new_indices
     reasons = sorted(skipped)  # every rank's dataset lists the same reasons (see LabelledImages.skipped)
-    if gather and reasons and rank_world()[1] > 1:
+    if gather and reasons and rank_and_world()[1] > 1:
         counts = torch.tensor([skipped[r] for r in reasons], dtype=torch.long)
-        all_reduce_sum_([counts])
+        all_reduce_many_([counts], "sum")
         skipped = dict(zip(reasons, counts.tolist(), strict=True))
     return Features(cls=cls, patch_mean=patch_mean, labels=labels, indices=indices, skipped=skipped)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitreg.eval.distributed import all_gather_cat, all_reduce_, is_distributed
 from vitreg.eval.features import extract_features as _extract_probe_features
+from vitreg.utils.distributed import all_gather_cat, all_reduce_many_, is_distributed
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -47,7 +47,7 @@ def _checked_ks(ks: Sequence[int] | int) -> list[int]:
 def _global_count(n: int, device: torch.device, use_dist: bool, op: str = "sum") -> int:
     value = torch.tensor([n], dtype=torch.long, device=device)
     if use_dist:
-        all_reduce_([value], op)
+        all_reduce_many_([value], op)
     return int(value)
 
 
@@ -272,7 +272,7 @@ def _global_skips(skipped: dict[str, int], device: torch.device, use_dist: bool)
     if not use_dist or not reasons:
         return dict(skipped)
     counts = torch.tensor([skipped[r] for r in reasons], dtype=torch.long, device=device)
-    all_reduce_([counts], "sum")
+    all_reduce_many_([counts], "sum")
     return dict(zip(reasons, counts.tolist(), strict=True))
 
 

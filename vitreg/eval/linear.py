@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitreg.eval.data import eval_loader, eval_transform, train_transform
-from vitreg.eval.distributed import all_reduce_mean_, all_reduce_sum_, average_gradients_, rank_world
 from vitreg.eval.features import Features, backbone_features, extract_features, linear_input
 from vitreg.eval.progress import track
+from vitreg.utils.distributed import all_reduce_many_, average_gradients_, rank_and_world
 
 DINOV2_LEARNING_RATES: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 DINOV2_N_LAST_BLOCKS: tuple[int, ...] = (1, 4)
@@ -158,7 +158,7 @@ class LinearClassifierGrid(nn.Module):
         self.embed_dim, self.num_classes = int(embed_dim), int(num_classes)
         self.n_last_blocks = tuple(n_last_blocks)
         self.batch_size = int(batch_size)
-        self.world_size = rank_world()[1] if world_size is None else int(world_size)
+        self.world_size = rank_and_world()[1] if world_size is None else int(world_size)
         base_lrs = list(learning_rates)
         decimals = _lr_decimals([scaled_lr(lr, batch_size, self.world_size) for lr in base_lrs])
         generator = torch.Generator().manual_seed(seed)
@@ -243,7 +243,7 @@ def train_grid(
         scheduler.step()
         losses.append(loss.detach())
     stacked = torch.stack(losses)
-    all_reduce_mean_([stacked])  # one collective at the end, not one per step
+    all_reduce_many_([stacked], "mean")  # one collective at the end, not one per step
     return stacked.cpu().tolist()
 
 
@@ -376,7 +376,7 @@ def probe_features(
         )
     _check_blocks(train.cls.shape[1], settings, "the train features")
     _check_blocks(val.cls.shape[1], settings, "the val features")
-    rank, world = rank_world()
+    rank, world = rank_and_world()
     grid = LinearClassifierGrid(
         train.cls.shape[-1],
         _num_classes(num_classes, train.labels, val.labels),
@@ -536,7 +536,7 @@ def run_linear_probe(
         train_source, train_transform(settings.resolution), limit=train_limit, split="train", shuffle=True, **common
     )
     num_classes = train_loader.dataset.num_classes if num_classes is None else num_classes
-    _, world = rank_world()
+    _, world = rank_and_world()
     batches = AugmentedBatches(
         backbone, train_loader, settings.batch_size, n_blocks, device=device, autocast_dtype=autocast_dtype
     )
@@ -558,7 +558,7 @@ def run_linear_probe(
     _check_labels(val.labels, num_classes, "val")
     table = grid_top1(grid, val, device=device)
     num_train = torch.tensor([len(batches.seen)], dtype=torch.long)
-    all_reduce_sum_([num_train])  # ranks draw disjoint samples
+    all_reduce_many_([num_train], "sum")  # ranks draw disjoint samples
     result = _result(
         grid, table, settings, num_train=int(num_train), num_val=len(val.labels), iterations=iterations, losses=losses
     )
@@ -582,7 +582,7 @@ def evaluate_linear(
     """``run_linear_probe(...).result`` (JSON-serialisable); with ``best_checkpoint_path`` rank 0 also saves
     the best classifier (``{"config", "state_dict"}``, e.g. ``linear_best.pt``)."""
     probe = run_linear_probe(backbone, train_source, val_source, settings, **kwargs)
-    if best_checkpoint_path is not None and rank_world()[0] == 0:
+    if best_checkpoint_path is not None and rank_and_world()[0] == 0:
         path = Path(best_checkpoint_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(probe.best_checkpoint(), path)

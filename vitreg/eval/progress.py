@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO, TypeVar
 
-from vitreg.eval.distributed import rank_world
+from vitreg.utils.distributed import rank_and_world
 
 MODES = ("off", "auto", "bar", "lines")
 LINES_PER_LOOP = 10  # a line at every further 10 % of a loop of known length
@@ -76,7 +76,7 @@ class TaskProgress:
         mode = _mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"progress must be one of {MODES}, got {mode!r}")
-        self.mode = "off" if rank_world()[0] != 0 else _resolve(mode, stream or sys.stdout)
+        self.mode = "off" if rank_and_world()[0] != 0 else _resolve(mode, stream or sys.stdout)
         self.done = 0
         self.start = clock()
         self._last_line = self.start

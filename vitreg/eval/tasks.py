@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from vitreg.eval.distributed import rank_world
 from vitreg.telemetry.analyze import LoadedBackbone
 from vitreg.telemetry.store import json_ready
+from vitreg.utils.distributed import rank_and_world
 from vitreg.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def describe(loaded: LoadedBackbone, checkpoint: str | os.PathLike) -> dict[str,
 def write_result(out_dir: str | os.PathLike, task: str, payload: Mapping[str, Any]) -> Path:
     """``<out>/<task>.json``, written atomically on the main process only."""
     path = Path(out_dir) / f"{task}.json"
-    if rank_world()[0] == 0:
+    if rank_and_world()[0] == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(
             path, (json.dumps(json_ready(payload), allow_nan=False, indent=1, default=_jsonable) + "\n").encode()
@@ -215,7 +215,7 @@ def run_lost(
             **common,
             progress=True,
         )
-    if int(lost["num_examples"]) > 0 and rank_world()[0] == 0:
+    if int(lost["num_examples"]) > 0 and rank_and_world()[0] == 0:
         examples = plot_lost_examples(
             model, dataset, out / "lost_examples.png", num_images=int(lost["num_examples"]), **setting, **common
         )
@@ -277,7 +277,7 @@ def run_local(
         min_outliers=int(outliers["min_outliers"]),
     )
     result.update(resolution=resolution, num_images=int(batch.shape[0]), images=images or "synthetic")
-    if rank_world()[0] == 0:
+    if rank_and_world()[0] == 0:
         result["plot"] = str(plot_token_probes(result, Path(out_dir) / "local_probes.png"))
     return result
 
@@ -325,7 +325,7 @@ def run_global(
         min_outliers=int(outliers["min_outliers"]),
     )
     result.update(resolution=resolution, source=data["train"])
-    if rank_world()[0] == 0:
+    if rank_and_world()[0] == 0:
         result["plot"] = str(plot_token_probes(result, Path(out_dir) / "global_probe.png"))
     return result
 
@@ -358,7 +358,7 @@ def run_occlusion(
         "num_images": int(batch.shape[0]),
         "images": images or "synthetic",
     }
-    if rank_world()[0] == 0:
+    if rank_and_world()[0] == 0:
         result["plot"] = str(
             plot_occlusion([result["random"], result["faithfulness"]], Path(out_dir) / "occlusion.png")
         )
@@ -377,7 +377,7 @@ def run_task(cfg: Mapping[str, Any], out_dir: str | os.PathLike, device: torch.d
     loaded.model.to(device).eval().requires_grad_(False)
     autocast = autocast_dtype(cfg["autocast"], device)
     out = Path(out_dir)
-    if rank_world()[0] == 0:
+    if rank_and_world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
     data, images, num_images = cfg["data"], cfg["images"], int(cfg["num_images"])
     runners: dict[str, Callable[[], dict]] = {
@@ -398,7 +398,7 @@ def run_task(cfg: Mapping[str, Any], out_dir: str | os.PathLike, device: torch.d
         **describe(loaded, cfg["checkpoint"]),
         "model": cfg["model"],
         "settings": {key: cfg[key] for key in TASK_SETTINGS[task]},
-        "world_size": rank_world()[1],
+        "world_size": rank_and_world()[1],
         "device": str(device),
         "seconds": round(seconds, 3),
         "result": result,

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from vitreg.eval.distributed import all_reduce_, gather_in_order, rank_world
+from vitreg.eval.distributed import gather_in_order
 from vitreg.eval.knn import knn_classify
+from vitreg.utils.distributed import all_reduce_many_, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def teacher_cls_features(
     With several processes every rank runs as many forwards as the rank with the most batches: a rank
     out of batches forwards its last batch again (or a black image when it had none) and discards the
     output, since under FSDP2 each forward all-gathers the parameters with every rank."""
-    _, world = rank_world()
+    _, world = rank_and_world()
     was_training = backbone.training
     backbone.eval()
     feats, labels, indices = [], [], []
@@ -91,7 +92,7 @@ def teacher_cls_features(
             batch = next(iterator, None)
             if world > 1:
                 more = torch.tensor([float(batch is not None)], device=device)
-                all_reduce_([more], "max")
+                all_reduce_many_([more], "max")
                 if not more.item():
                     break
             elif batch is None:
@@ -136,7 +137,7 @@ class ProbeSet:
 
     def loader(self) -> Iterable:
         if self._loader is None:
-            self._loader = self.make_loader(*rank_world())
+            self._loader = self.make_loader(*rank_and_world())
         return self._loader
 
     def features(
@@ -362,7 +363,7 @@ class OnlineLinearProbe(L.Callback):
         stats = torch.stack(
             [loss_sum.detach(), (logits.argmax(-1) == labels[labelled]).sum().float(), labelled.sum().float()]
         )
-        all_reduce_([*[p.grad for p in params], stats], "sum")  # one collective: gradients and counts
+        all_reduce_many_([*[p.grad for p in params], stats], "sum")  # one collective: gradients and counts
         count = stats[2].clamp_min(1)
         for p in params:
             p.grad /= count  # the gradient of the global mean loss

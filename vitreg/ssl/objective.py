@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from vitreg.models import VisionTransformer
-from vitreg.ssl.distributed import all_reduce_sum_
 from vitreg.ssl.ema import assert_no_shared_storage
 from vitreg.ssl.heads import DINOHead
 from vitreg.ssl.losses import dino_loss, ibot_loss, koleo_loss
 from vitreg.ssl.targets import Centering, sinkhorn_knopp
+from vitreg.utils.distributed import all_reduce_
 
 
 @dataclass
@@ -180,7 +180,7 @@ class DINOv2Objective(nn.Module):
         ibot_targets = None
         if patch_logits is not None:
             total = batch["n_masked_patches"].to(cls.device).sum()
-            all_reduce_sum_(total)  # SK normalises by the global number of masked tokens
+            all_reduce_(total, "sum")  # SK normalises by the global number of masked tokens
             ibot_targets = self._targets(patch_logits, temp, "ibot_center", total_count=total, masked=masked)
         return dino_targets, ibot_targets
 

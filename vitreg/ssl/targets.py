@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vitreg.ssl.distributed import all_reduce_sum_, world_size
+from vitreg.utils.distributed import all_reduce_, rank_and_world
 
 
 class Centering(nn.Module):
@@ -68,7 +68,7 @@ class Centering(nn.Module):
             else:
                 local[:, :-1] = torch.where(valid[:, None], logits, 0.0).sum(dim=0, keepdim=True) / rows
             local[:, -1] = 1.0
-        all_reduce_sum_(local)  # sum of the per-rank means, and the number of ranks that had rows
+        all_reduce_(local, "sum")  # sum of the per-rank means, and the number of ranks that had rows
         ranks_with_rows = local[:, -1:]
         batch_mean = local[:, :-1] / ranks_with_rows.clamp_min(1.0)
         moved = self.center.mul(self.momentum).add(batch_mean, alpha=1.0 - self.momentum)
@@ -120,7 +120,7 @@ def sinkhorn_knopp(
         q = torch.where(valid, q, 0.0)
     k = q.shape[0]
     if total_count is None:
-        total_count = q.shape[1] * world_size()
+        total_count = q.shape[1] * rank_and_world()[1]
     # A device scalar (as DINOv2): dividing a CUDA tensor by a Python number multiplies by its reciprocal,
     # which rounds differently. new_full fills on the device: no blocking copy of the int.
     if isinstance(total_count, Tensor):
@@ -128,10 +128,10 @@ def sinkhorn_knopp(
     else:
         b = q.new_full((), total_count)
 
-    q /= all_reduce_sum_(q.sum())
+    q /= all_reduce_(q.sum(), "sum")
     for _ in range(n_iterations):
         # each prototype gets total mass 1/K over the global batch
-        q /= all_reduce_sum_(q.sum(dim=1, keepdim=True))
+        q /= all_reduce_(q.sum(dim=1, keepdim=True), "sum")
         q /= k
         # each sample gets mass 1/B
         per_sample = q.sum(dim=0, keepdim=True)
