@@ -35,7 +35,7 @@ from vitreg.lit.checkpointing import newest_good_checkpoint
 from vitreg.models import load_dinov2_backbone
 from vitreg.models.checkpoint import LAYOUTS, describe
 from vitreg.models.export import FORMATS, export_backbone
-from vitreg.telemetry.analyze import load_backbone
+from vitreg.models.load import load_backbone
 from vitreg.utils.sharded import is_sharded_checkpoint
 
 

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np
 
 from vitreg.telemetry import plots
-from vitreg.telemetry.store import PROBE_IMAGES, json_ready, read_maps, read_records, telemetry_dir
-from vitreg.utils.io import atomic_write_bytes
+from vitreg.telemetry.store import PROBE_IMAGES, read_maps, read_records, telemetry_dir
+from vitreg.utils import figures
+from vitreg.utils.io import atomic_write_bytes, json_ready
 
 
 class SweepError(Exception):
@@ -67,7 +68,7 @@ def run_labels(dirs: list[Path], registers: list[int]) -> list[str]:
 
 
 def plot_outlier_fraction(runs: list[dict], model: str, resolution: int):
-    fig = plots.new_figure(6.5, 3.6)
+    fig = figures.new_figure(6.5, 3.6)
     ax = fig.add_subplot()
     for i, run in enumerate(runs):
         colour = f"C{i}"
@@ -75,14 +76,14 @@ def plot_outlier_fraction(runs: list[dict], model: str, resolution: int):
         head = [r["outliers"][run["detector"]] for r in run["records"]]
         ax.plot(
             steps,
-            [plots.values(h["patch_fraction"])[-1] for h in head],
+            [figures.values(h["patch_fraction"])[-1] for h in head],
             "-o",
             ms=3,
             color=colour,
             label=f"{run['label']} patches",
         )
         if run["registers"]:
-            reg = [plots.values(h["register_fraction"])[-1] for h in head]
+            reg = [figures.values(h["register_fraction"])[-1] for h in head]
             ax.plot(steps, reg, "--s", ms=3, color=colour, label=f"{run['label']} registers")
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_ylim(0, 1.05)
@@ -95,13 +96,13 @@ def plot_outlier_fraction(runs: list[dict], model: str, resolution: int):
 
 
 def plot_emergence(runs: list[dict], model: str, resolution: int):
-    fig = plots.new_figure(6.5, 3.6)
+    fig = figures.new_figure(6.5, 3.6)
     ax = fig.add_subplot()
     depth = max(run["records"][-1].get("depth", 0) or 0 for run in runs)
     none_level = depth + 1
     for i, run in enumerate(runs):
         steps = np.array([r["step"] for r in run["records"]])
-        layers = plots.values([r["emergence_layer"].get(run["detector"]) for r in run["records"]])
+        layers = figures.values([r["emergence_layer"].get(run["detector"]) for r in run["records"]])
         ax.plot(steps, layers, "-o", ms=3, color=f"C{i}", label=run["label"])
         missing = ~np.isfinite(layers)
         if missing.any():
@@ -119,12 +120,12 @@ def plot_emergence(runs: list[dict], model: str, resolution: int):
 
 
 def plot_last_quantiles(runs: list[dict], model: str, resolution: int):
-    fig = plots.new_figure(9.0, 3.4)
+    fig = figures.new_figure(9.0, 3.4)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key in zip(axes, ("p99", "max"), strict=True):
         for i, run in enumerate(runs):
             last = run["records"][-1]
-            y = plots.values(last["norms"][last["stream"]]["patch"][key])
+            y = figures.values(last["norms"][last["stream"]]["patch"][key])
             ax.plot(np.arange(len(y)), y, "-o", ms=2.5, color=f"C{i}", label=f"{run['label']} (step {last['step']})")
         ax.set_yscale("log")
         ax.set_xlabel("layer (blocks applied)")
@@ -155,7 +156,7 @@ def plot_attention(runs: list[dict], num_images: int, max_registers: int, model:
             for r in range(min(registers.shape[1], max_registers)):
                 columns.append((f"{run['label']}\nregister {r}", registers[:, r]))
     total = len(columns) + (images is not None)
-    fig = plots.new_figure(1.75 * total + 0.2, 1.35 * n + 0.6)
+    fig = figures.new_figure(1.75 * total + 0.2, 1.35 * n + 0.6)
     axes = fig.subplots(n, total, squeeze=False)
     for i in range(n):
         row = list(axes[i])
@@ -271,15 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     written = [
-        plots.save(plot_outlier_fraction(runs, args.model, resolution), out / "outlier_fraction_vs_step.png"),
-        plots.save(plot_emergence(runs, args.model, resolution), out / "emergence_layer_vs_step.png"),
-        plots.save(plot_last_quantiles(runs, args.model, resolution), out / "layer_quantiles_last_step.png"),
+        figures.save(plot_outlier_fraction(runs, args.model, resolution), out / "outlier_fraction_vs_step.png"),
+        figures.save(plot_emergence(runs, args.model, resolution), out / "emergence_layer_vs_step.png"),
+        figures.save(plot_last_quantiles(runs, args.model, resolution), out / "layer_quantiles_last_step.png"),
     ]
     attention = plot_attention(runs, max(1, args.images), args.max_registers, args.model, resolution)
     if attention is None:
         print("warning: no run has attention maps; attention_maps.png not written", file=sys.stderr)
     else:
-        written.append(plots.save(attention, out / "attention_maps.png"))
+        written.append(figures.save(attention, out / "attention_maps.png"))
     summary = {"model": args.model, "resolution": resolution, "runs": [run_summary(run) for run in runs]}
     text = json.dumps(json_ready(summary), allow_nan=False, indent=1)
     written.append(atomic_write_bytes(out / "sweep_summary.json", text.encode("utf-8")))

@@ -26,7 +26,7 @@ def shrunk_vitt(monkeypatch):
 
 
 def load_old_backbone(which: str):
-    from vitreg.telemetry.analyze import load_backbone
+    from vitreg.models.load import load_backbone
 
     return load_backbone(ASSET / "last.ckpt", which)
 
@@ -68,7 +68,7 @@ def test_a_run_resumes_from_the_old_checkpoint(shrunk_vitt, tmp_path):
     positions = ckpt["callbacks"]["ExactResume"]["ranks"][0]["positions"]
     assert positions == {0: 12}  # the old file's stream position (8 images) continued by one batch of 4
     # the step taken from the old file is the step the old code took from it
-    from vitreg.telemetry.analyze import load_backbone
+    from vitreg.models.load import load_backbone
 
     expected = load_file(ASSET / "expected.safetensors")
     teacher = load_backbone(run_dir / "checkpoints" / "last.ckpt", "teacher").model

@@ -86,7 +86,7 @@ def test_library_entry_points_never_run_code(tmp_path, marker):
     from vitreg.lit.resume import restore_wandb_id
     from vitreg.lit.strategies import sharded_checkpoint_problem
     from vitreg.models import load_backbone_weights, load_dinov2_backbone
-    from vitreg.telemetry.analyze import load_backbone
+    from vitreg.models.load import load_backbone
 
     evil = plant(tmp_path / "evil.ckpt", marker)
     sharded = plant_sharded(tmp_path / "run" / "checkpoints" / "step0000009.ckpt", marker)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import TINY, compose_config  # noqa: E402
 from vitreg.lit.pretrain import pretrain  # noqa: E402
 from vitreg.models.config import VIT_SIZES  # noqa: E402
-from vitreg.telemetry.analyze import load_backbone  # noqa: E402
+from vitreg.models.load import load_backbone  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "checkpoint_v1"
 ASSET_VITT = {"embed_dim": 24, "depth": 2, "num_heads": 2}

@@ -301,7 +301,7 @@ def test_keys_are_captured_from_the_qkv_hook():
         assert set(both) == {(2, "k"), (0, "out")}  # -1 and 2 are the same block
     with pytest.raises(ValueError, match="kind must be one of"):
         token_features(model, x, kind="x")
-    with pytest.raises(ValueError, match="layer 3 out of range"):
+    with pytest.raises(ValueError, match=r"layer=3 is out of range for a 3-block model"):
         token_features(model, x, layer=3)
 
 

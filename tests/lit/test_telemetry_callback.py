@@ -8,11 +8,11 @@ import pytest
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_config
+from vitreg.data.probe import load_probe
 from vitreg.lit.pretrain import pretrain
 from vitreg.lit.telemetry import telemetry_settings
-from vitreg.telemetry.analyze import load_backbone
+from vitreg.models.load import load_backbone
 from vitreg.telemetry.measure import measure
-from vitreg.telemetry.probe import load_probe
 from vitreg.telemetry.store import read_maps, read_records
 
 

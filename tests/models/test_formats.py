@@ -15,7 +15,7 @@ from vitreg.models.export import export_backbone
 from vitreg.models.export_hf import hf_state_dict, save_hf_folder
 from vitreg.models.export_timm import timm_state_dict
 from vitreg.models.formats import read_backbone_source
-from vitreg.telemetry.analyze import load_backbone
+from vitreg.models.load import load_backbone
 
 
 def tiny(**overrides):

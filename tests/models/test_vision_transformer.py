@@ -173,7 +173,7 @@ def test_get_intermediate_layers_rejects_bad_indices():
     model = tiny()
     with pytest.raises(ValueError, match=r"last 1\.\.2 blocks"):
         model.get_intermediate_layers(torch.randn(1, 3, 56, 56), n=3)
-    with pytest.raises(ValueError, match="block index 5 out of range"):
+    with pytest.raises(ValueError, match=r"n=5 is out of range for a 2-block model; use 0\.\.1 or -1\.\.-2"):
         model.get_intermediate_layers(torch.randn(1, 3, 56, 56), n=[5])
 
 
@@ -184,12 +184,11 @@ def test_attention_maps_are_probabilities_and_forward_is_unchanged():
     assert set(maps) == {0, 1}
     assert maps[1].shape == (2, 3, 21, 21)
     torch.testing.assert_close(maps[1].sum(-1), torch.ones(2, 3, 21))
-    # the math path used for the maps computes the same tokens as the configured kernel
+    # the maps are computed beside the forward: the tokens are exactly the configured kernel's
     direct = model.get_intermediate_layers(x, n=1, norm=False, return_class_token=True)[0]
-    tokens = model.prepare_tokens_with_masks(x)
-    for blk in model.blocks:
-        tokens, _ = blk.forward_with_attention(tokens)
-    torch.testing.assert_close(tokens[:, 5:], direct[0], atol=1e-5, rtol=1e-5)
+    inspected = model.forward_intermediates(x, 1, attention=True, qkv=True)[1]
+    assert torch.equal(model.layout.patches(inspected.tokens), direct[0])
+    assert torch.equal(inspected.attention, maps[1])
 
 
 def test_forward_returns_cls_unless_training():

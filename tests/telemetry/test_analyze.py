@@ -10,7 +10,8 @@ from PIL import Image
 
 from tests.telemetry.planted import IMG, planted_vit
 from vitreg.models.checkpoint import export_dinov2_state_dict, save_dinov2_checkpoint
-from vitreg.telemetry.analyze import analyze_checkpoint, load_backbone
+from vitreg.models.load import load_backbone
+from vitreg.telemetry.analyze import analyze_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 PLANTED = [0, 9, 27, 63]

@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from vitreg.data.probe import save_probe, synthetic_probe
 from vitreg.models.vision_transformer import build_vit
 from vitreg.telemetry import plots
 from vitreg.telemetry.measure import measure
-from vitreg.telemetry.probe import save_probe, synthetic_probe
 from vitreg.telemetry.report import LEGEND, write_report
-from vitreg.telemetry.store import PROBE_IMAGES, TelemetryWriter, json_ready, read_maps, read_records, telemetry_dir
+from vitreg.telemetry.store import PROBE_IMAGES, TelemetryWriter, read_maps, read_records, telemetry_dir
+from vitreg.utils import figures
+from vitreg.utils.io import json_ready
 
 SIZE = 56  # 4 x 4 patches of 14 px
 
@@ -106,7 +108,7 @@ def test_every_plot_renders(runs):
         "emergence": plots.emergence_heatmap(records),
     }
     for name, fig in figures.items():
-        array = plots.figure_to_array(fig)
+        array = figures.figure_to_array(fig)
         assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3, name
         assert 150 <= array.shape[0] <= 2000 and 200 <= array.shape[1] <= 2500, (name, array.shape)
         assert array.std() > 0, name  # something was drawn
@@ -120,7 +122,7 @@ def test_attention_rows_and_register_columns(runs):
     n = maps["norm"].shape[0]
     fig = plots.attention_maps(probe, maps, SIZE, colorbars=False)
     assert len(fig.axes) == n * (1 + 1 + 1 + 4)  # image, norm, CLS, 4 registers
-    plots.close(fig)
+    figures.close(fig)
     fig = plots.attention_maps(probe, maps, SIZE)  # by default one colour bar per map column
     assert len(fig.axes) == (n + 1) * (1 + 1 + 1 + 4)  # a row of colour bars (none under the images)
     assert not fig.axes[n * 7].axison
@@ -129,18 +131,18 @@ def test_attention_rows_and_register_columns(runs):
     norm_images = [ax.images[0] for ax in fig.axes[: n * 7] if ax.get_images() and ax.images[0].cmap.name == "inferno"]
     assert len(norm_images) == n and len({im.get_clim() for im in norm_images}) == 1  # the column's shared scale
     assert norm_images[0].get_clim() == (float(maps["norm"].min()), float(maps["norm"].max()))
-    plots.close(fig)
+    figures.close(fig)
     no_attention = {k: v for k, v in maps.items() if k in ("norm", "outliers")}
     fig = plots.attention_maps(probe.permute(0, 2, 3, 1).numpy(), no_attention)
     assert len(fig.axes) == (n + 1) * 2  # image and norm map, the norm column's colour bar
-    plots.close(fig)
+    figures.close(fig)
 
 
 def test_emergence_heatmap_with_artifacts_and_one_step(runs, tmp_path):
     records = [with_artifacts(r, first_layer=5 - 2 * i) for i, r in enumerate(read_records(runs[0]))]
-    path = plots.save(plots.emergence_heatmap(records), tmp_path / "emergence.png")
+    path = figures.save(plots.emergence_heatmap(records), tmp_path / "emergence.png")
     assert min(png_size(path)) > 100
-    path = plots.save(plots.emergence_heatmap(records[:1], detector="robust_z"), tmp_path / "one_step.png")
+    path = figures.save(plots.emergence_heatmap(records[:1], detector="robust_z"), tmp_path / "one_step.png")
     assert min(png_size(path)) > 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emergence.png", "one_step.png"]  # no temporary files
     assert_no_open_figures()
@@ -194,7 +196,7 @@ def test_write_report(runs, tmp_path, registers):
 
 def test_report_with_artifacts_without_maps(runs, tmp_path, monkeypatch):
     def fake_save(fig, path):  # the plots render in test_write_report; here only which ones matter
-        plots.close(fig)
+        figures.close(fig)
         Path(path).write_bytes(b"")
         return Path(path)
 

@@ -88,7 +88,7 @@ def test_the_checkpoint_reads_like_a_lightning_file(sharded):
 
 
 def test_load_backbone_rebuilds_the_run_model_from_a_sharded_directory(sharded):
-    from vitreg.telemetry.analyze import load_backbone
+    from vitreg.models.load import load_backbone
 
     for which, seed in (("teacher", 0), ("student", 1)):
         loaded = load_backbone(sharded, which)

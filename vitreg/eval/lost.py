@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,29 @@ from vitreg.eval.progress import TaskProgress
 FEATURE_KINDS: tuple[str, ...] = ("k", "q", "v", "out")
 NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "center", "center_l2")
 CORLOC_THRESHOLD = 0.5
+
+
+@dataclass
+class LostSettings:
+    """The ``lost`` section of conf/analyze.yaml: LOST object discovery and its CorLoc."""
+
+    dataset: str | None = None  # VOC root (Annotations/ + JPEGImages/), boxes .json or .csv; null: generated images
+    image_set: str | None = None  # VOC ImageSets/Main/<image_set>.txt, e.g. trainval
+    no_hard: bool = False  # drop VOC images whose objects are all difficult or truncated
+    limit: int | None = None
+    layer: int = -1  # block whose features build the patch graph
+    kind: str = "k"  # one of FEATURE_KINDS
+    normalize: str = "none"  # one of NORMALIZATIONS
+    gram_bias: float = 0.0
+    k_patches: int = 100
+    max_side: int | None = None  # downscale larger images (LOST: none)
+    sweep: bool = False  # also CorLoc over sweep_layers x sweep_kinds x sweep_biases x sweep_normalize
+    sweep_layers: list[int] = field(default_factory=lambda: [-1, -2, -3, -4])
+    sweep_kinds: list[str] = field(default_factory=lambda: ["k", "q", "v"])
+    sweep_biases: list[float] = field(default_factory=lambda: [0.0])
+    sweep_normalize: list[str] = field(default_factory=lambda: ["none"])
+    num_examples: int = 8  # images drawn with their boxes in lost_examples.png
+    generated_images: int = 32  # with dataset=null: images with one known object each
 
 
 @dataclass
@@ -109,68 +132,41 @@ def load_rgb(path: str | Path) -> Tensor:
 
 
 # ---------------------------------------------------------------- features
-def _resolve_layer(layer: int, depth: int) -> int:
-    if not isinstance(layer, int) or not -depth <= layer < depth:
-        raise ValueError(f"layer {layer!r} out of range for a {depth}-block model; use 0..{depth - 1} or -1..-{depth}")
-    return layer % depth
-
-
 @torch.no_grad()
 def capture_features(
     model: nn.Module, images: Tensor, requests: Iterable[tuple[int, str]]
 ) -> dict[tuple[int, str], Tensor]:
     """Patch features ``(B, P, C)`` for each ``(layer, kind)`` request from a single forward pass.
 
-    Keys are the resolved (non-negative) block indices. q/k/v come from hooks on ``blocks[l].attn.qkv``;
-    ``out`` from ``get_intermediate_layers`` (final LayerNorm applied). Registers are always excluded.
+    Keys are the resolved (non-negative) block indices. q/k/v are the block's qkv projection
+    (``forward_intermediates(qkv=...)``), ``out`` its output tokens through the final LayerNorm.
+    Registers and CLS are always excluded.
     """
-    depth = len(model.blocks)
     wanted = []
     for layer, kind in requests:
         _check_choice("kind", kind, FEATURE_KINDS)
-        key = (_resolve_layer(layer, depth), kind)
+        key = (model.resolve_block(layer), kind)
         if key not in wanted:
             wanted.append(key)
     if not wanted:
         raise ValueError("no (layer, kind) feature requested")
-    batch = images.shape[0]
-    num_prefix = 1 + model.num_register_tokens
-    num_patches = (images.shape[-2] // model.patch_size) * (images.shape[-1] // model.patch_size)
-    qkv_out: dict[int, Tensor] = {}
-    handles = []
-    for layer in sorted({lay for lay, kind in wanted if kind != "out"}):
-
-        def store(_module, _args, output, layer=layer):
-            qkv_out[layer] = output.detach()
-
-        handles.append(model.blocks[layer].attn.qkv.register_forward_hook(store))
     layers = sorted({lay for lay, _ in wanted})
-    try:
-        outputs = model.get_intermediate_layers(images, n=layers, norm=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out_by_layer = dict(zip(layers, outputs, strict=True))
+    qkv_layers = sorted({lay for lay, kind in wanted if kind != "out"})
+    outputs = model.forward_intermediates(images, layers, norm=True, qkv=qkv_layers)
+    patches = model.layout.patches
     feats = {}
     for layer, kind in wanted:
         if kind == "out":
-            feats[(layer, kind)] = out_by_layer[layer].float()
-            continue
-        qkv = qkv_out[layer]  # (B, N, 3D) or packed (B*N, 3D); the split order is (3, heads, head_dim)
-        qkv = qkv.reshape(batch, -1, 3, qkv.shape[-1] // 3)
-        if qkv.shape[1] != num_prefix + num_patches:
-            raise ValueError(
-                f"block {layer} saw {qkv.shape[1]} tokens, expected 1 CLS + {num_prefix - 1} registers + "
-                f"{num_patches} patches; is this a vitreg VisionTransformer?"
-            )
-        feats[(layer, kind)] = qkv[:, num_prefix:, "qkv".index(kind)].float()
+            feats[(layer, kind)] = patches(outputs[layer].tokens).float()
+        else:
+            feats[(layer, kind)] = patches(outputs[layer].qkv)[:, :, "qkv".index(kind)].float()
     return feats
 
 
 def token_features(model: nn.Module, images: Tensor, *, layer: int = -1, kind: str = "k") -> Tensor:
     """Patch features ``(B, P, C)`` of block ``layer``: keys/queries/values (heads concatenated) or the
     block's normalised output tokens (``out``). Registers and CLS are never included."""
-    return capture_features(model, images, [(layer, kind)])[(_resolve_layer(layer, len(model.blocks)), kind)]
+    return capture_features(model, images, [(layer, kind)])[(model.resolve_block(layer), kind)]
 
 
 # ---------------------------------------------------------------- connected components
@@ -314,8 +310,7 @@ def _settings(
         _check_choice("kind", kind, FEATURE_KINDS)
     for norm in normalizations:
         _check_choice("normalize", norm, NORMALIZATIONS)
-    depth = len(model.blocks)
-    resolved_layers = list(dict.fromkeys(_resolve_layer(layer, depth) for layer in layers))
+    resolved_layers = list(dict.fromkeys(model.resolve_block(layer, "layers") for layer in layers))
     settings = [
         LostSetting(layer, kind, norm, float(bias))
         for layer in resolved_layers
@@ -552,7 +547,7 @@ def plot_lost_examples(
     its seed patch (yellow). matplotlib is imported here only, on an Agg canvas (pyplot untouched)."""
     from matplotlib.patches import Rectangle
 
-    from vitreg.telemetry.plots import new_figure, save
+    from vitreg.utils.figures import new_figure, save
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")

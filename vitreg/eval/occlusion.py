@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,16 @@ from vitreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vitreg.eval.progress import track
 
 Fill = str | float | Sequence[float]
+
+
+@dataclass
+class OcclusionSettings:
+    """The ``occlusion`` section of conf/analyze.yaml."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # information loss of random PatchDrop
+    # patches dropped by the model's own CLS attention, most vs least attended
+    faithfulness_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    repeats: int = 1
 
 
 # ------------------------------------------------------------------------------------------ PatchDrop
@@ -162,20 +173,21 @@ def _mean(values: list[Tensor]) -> float | None:
 def layer_features(model: nn.Module, images: Tensor) -> dict[str, Tensor | None]:
     """After every block: CLS (L, B, D), mean register (L, B, D) or None, mean patch (L, B, D);
     plus the final-norm CLS (B, D)."""
-    r = model.num_register_tokens
-    tokens = model.prepare_tokens_with_masks(images)
+    layout = model.layout
     cls, regs, patches = [], [], []
-    for blk in model.blocks:
-        tokens = blk(tokens)
-        cls.append(tokens[:, 0])
-        patches.append(tokens[:, 1 + r :].mean(1))
-        if r:
-            regs.append(tokens[:, 1 : 1 + r].mean(1))
+    for layer in model.iter_layers(images):
+        if layer.index == 0:
+            continue
+        tokens = layer.tokens
+        cls.append(layout.cls(tokens))
+        patches.append(layout.patches(tokens).mean(1))
+        if layout.num_registers:
+            regs.append(layout.registers(tokens).mean(1))
     return {
         "cls": torch.stack(cls),
-        "registers": torch.stack(regs) if r else None,
+        "registers": torch.stack(regs) if regs else None,
         "patches": torch.stack(patches),
-        "final_cls": model.norm(tokens)[:, 0],
+        "final_cls": layout.cls(model.norm(tokens)),
     }
 
 
@@ -297,7 +309,7 @@ def attention_scores(model: nn.Module, images: Tensor, *, layer: int = -1, head:
     """The model's own CLS→patch attention at block ``layer`` (B, P), over patches only."""
     maps = model.get_attention_maps(images, blocks=layer)
     (probs,) = maps.values()
-    return patch_attention(probs, 1 + model.num_register_tokens, head)
+    return patch_attention(probs, model.num_prefix_tokens, head)
 
 
 def attended_cells(scores: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
@@ -332,10 +344,8 @@ def attention_faithfulness(
     _check_images(images)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    depth = len(model.blocks)
-    if not -depth <= layer < depth:
-        raise ValueError(f"layer={layer} is out of range for a {depth}-block model")
-    p, r = model.patch_size, model.num_register_tokens
+    block = model.resolve_block(layer)
+    p, layout = model.patch_size, model.layout
     num_patches = (images.shape[-2] // p) * (images.shape[-1] // p)
     for f in fractions:
         cells_to_drop(f, num_patches)  # validates
@@ -351,9 +361,9 @@ def attention_faithfulness(
             x = x.to(device)
             (probs,) = model.get_attention_maps(x, blocks=layer).values()
             row = cls_attention(probs, head)
-            register_mass.append(row[:, 1 : 1 + r].sum(-1).cpu())
-            cls_mass.append(row[:, 0].cpu())
-            scores = patch_attention(probs, 1 + r, head)
+            register_mass.append(layout.registers(row).sum(-1).cpu())
+            cls_mass.append(layout.cls(row).cpu())
+            scores = patch_attention(probs, layout.num_prefix, head)
             clean = model.forward_features(x)["x_norm_clstoken"]
             for f in fractions:
                 most, least = attended_cells(scores, f)
@@ -381,18 +391,18 @@ def attention_faithfulness(
         by_fraction[_key(f)] = entry
     return {
         "probe": "attention_faithfulness",
-        "layer": layer % depth,
+        "layer": block,
         "head": head,
         "fractions": [float(f) for f in fractions],
         "num_images": images.shape[0],
         "num_patches": num_patches,
         "repeats": repeats,
         "seed": seed,
-        "num_register_tokens": r,
+        "num_register_tokens": layout.num_registers,
         "fill": fill if isinstance(fill, str) else fill_values(fill).tolist(),
         # where the CLS looks besides patches (raw probabilities, heads as chosen)
         "cls_self_attention": _mean(cls_mass),
-        "register_attention": _mean(register_mass) if r else None,
+        "register_attention": _mean(register_mass) if layout.num_registers else None,
         "by_fraction": by_fraction,
     }
 
@@ -406,7 +416,7 @@ def plot_occlusion(results: dict | Sequence[dict], path: str | os.PathLike) -> P
     ``attention_faithfulness`` result. ``results``: one result or a list of them."""
     from matplotlib.ticker import MaxNLocator  # matplotlib is imported only when plotting
 
-    from vitreg.telemetry import plots
+    from vitreg.utils import figures
 
     results = [results] if isinstance(results, dict) else list(results)
     panels = []
@@ -418,12 +428,12 @@ def plot_occlusion(results: dict | Sequence[dict], path: str | os.PathLike) -> P
             panels.append(("faith", res, None))
         else:
             raise ValueError("plot_occlusion: expected results of feature_correlation or attention_faithfulness")
-    fig = plots.new_figure(3.4 * len(panels), 3.0)
+    fig = figures.new_figure(3.4 * len(panels), 3.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (kind, res, token) in zip(axes, panels, strict=True):
         if kind == "corr":
             for f, entry in res["by_fraction"].items():
-                ax.plot(res["layers"], plots.values(entry[token]), marker="o", ms=3, label=f"IL {f}")
+                ax.plot(res["layers"], figures.values(entry[token]), marker="o", ms=3, label=f"IL {f}")
             ax.set_xlabel("block")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("Pearson r (clean vs occluded)")
@@ -438,4 +448,4 @@ def plot_occlusion(results: dict | Sequence[dict], path: str | os.PathLike) -> P
             ax.set_ylabel("final CLS Pearson r")
             ax.set_title(f"attention faithfulness (block {res['layer']})", fontsize=9)
         ax.legend(fontsize=7)
-    return plots.save(fig, path)
+    return figures.save(fig, path)

@@ -64,6 +64,28 @@ C_GRID = log_grid(-3, 3, 7)  # logistic C (scikit-learn convention) on standardi
 
 
 @dataclass
+class OutlierProbeSettings:
+    """The ``outliers`` section of conf/analyze.yaml: the paper's local (position, pixels) and global
+    (single-token) probes of normal vs outlier tokens."""
+
+    layer: int = -1  # tokens of this block's output
+    detector: str = "valley"  # one of DETECTORS, fitted on the probe set's patch norms (before the final norm)
+    fixed_cutoff: float = DetectorSettings.fixed_cutoff
+    robust_z: float = DetectorSettings.robust_z
+    features: str = "normed"  # one of FEATURES: after the final norm (DINOv2's output) or before it
+    fit_on: str = "all"  # one of FIT_ON: one probe on all tokens (scored per group), or one per group
+    test_fraction: float = 0.25  # held-out images
+    repeats: int = 5  # random token draws of the global probe
+    classifier: str = "logistic"  # one of CLASSIFIERS (global probe)
+    min_outliers: int = 10  # fewer outlier tokens: the outlier entries are null
+
+    @property
+    def detectors(self) -> DetectorSettings:
+        """The detectors' parameters; the valley detector's own keep their defaults."""
+        return DetectorSettings(fixed_cutoff=self.fixed_cutoff, robust_z=self.robust_z)
+
+
+@dataclass
 class TokenSet:
     """Tokens of one layer for a probe set of ``N`` images with a ``(h, w)`` grid of ``P`` patches."""
 
@@ -109,13 +131,6 @@ def patch_pixels(images: Tensor, patch_size: int) -> Tensor:
     return cells.reshape(b, (h // p) * (w // p), c * p * p)
 
 
-def resolve_layer(model: nn.Module, layer: int) -> int:
-    depth = len(model.blocks)
-    if not -depth <= layer < depth:
-        raise ValueError(f"layer={layer} is out of range for a {depth}-block model; use -{depth}..{depth - 1}")
-    return layer % depth
-
-
 def outlier_threshold(
     norms: Tensor, detector: str = "valley", *, cutoff: float | None = None, settings: DetectorSettings | None = None
 ) -> float:
@@ -147,9 +162,9 @@ def collect_tokens(
     """
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
-    block = resolve_layer(model, layer)
+    block = model.resolve_block(layer)
     device = next(model.parameters()).device
-    p, r = model.patch_size, model.num_register_tokens
+    p = model.patch_size
     was_training = model.training
     model.eval()
     parts: dict[str, list[Tensor]] = {k: [] for k in ("patches", "pixels", "norms", "cls", "registers")}
@@ -157,11 +172,7 @@ def collect_tokens(
     try:
         for x in track(_batches(images, batch_size), f"tokens of layer {block}"):
             x = x.to(device)
-            patches, cls, regs = model.get_intermediate_layers(
-                x, n=[block], norm=False, return_class_token=True, return_register_tokens=True
-            )[0]
-            if regs.shape[1] != r:
-                raise ValueError(f"model returned {regs.shape[1]} registers but declares {r}")
+            cls, regs, patches = model.layout.split(model.forward_intermediates(x, [block])[block].tokens)
             parts["norms"].append(patches.float().norm(dim=-1).cpu())
             if features == "normed":
                 patches, cls, regs = model.norm(patches), model.norm(cls), model.norm(regs)
@@ -557,7 +568,7 @@ def plot_token_probes(results: dict, path: str | os.PathLike) -> Path:
     ``results``: the dict of ``local_probes``, of ``global_probe``, or both merged into one dict.
     A null (too few outliers) entry shows as an empty slot labelled "n/a".
     """
-    from vitreg.telemetry import plots  # matplotlib is imported only when plotting
+    from vitreg.utils import figures  # matplotlib is imported only when plotting
 
     panels = []
     if results.get("position"):
@@ -569,7 +580,7 @@ def plot_token_probes(results: dict, path: str | os.PathLike) -> Path:
         panels.append(("global top-1 (%) ↑", results["global"], "top1", "std"))
     if not panels:
         raise ValueError("plot_token_probes: results hold no 'position', 'reconstruction' or 'global' entry")
-    fig = plots.new_figure(3.2 * len(panels), 3.0)
+    fig = figures.new_figure(3.2 * len(panels), 3.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, block, key, err_key) in zip(axes, panels, strict=True):
         kinds = list(block) if err_key else list(GROUPS)
@@ -585,4 +596,4 @@ def plot_token_probes(results: dict, path: str | os.PathLike) -> Path:
             ax.legend(fontsize=7)
         ax.set_xticks(range(len(kinds)), kinds, rotation=30, fontsize=8)
         ax.set_title(title, fontsize=9)
-    return plots.save(fig, path)
+    return figures.save(fig, path)

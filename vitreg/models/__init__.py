@@ -10,10 +10,11 @@ from vitreg.models.checkpoint import (
     extract_backbone_state_dict,
     infer_vit_config,
     load_backbone_weights,
-    load_dinov2_backbone,
     save_dinov2_checkpoint,
 )
 from vitreg.models.config import VIT_SIZES, ViTConfig, vit_config
+from vitreg.models.layout import TokenLayout
+from vitreg.models.load import LoadedBackbone, load_backbone, load_dinov2_backbone
 from vitreg.models.pos_embed import interpolate_pos_embed
 from vitreg.models.vision_transformer import VisionTransformer, build_vit
 
@@ -21,6 +22,8 @@ __all__ = [
     "ATTN_BACKENDS",
     "VIT_SIZES",
     "CheckpointMismatchError",
+    "LoadedBackbone",
+    "TokenLayout",
     "ViTConfig",
     "VisionTransformer",
     "build_vit",
@@ -28,6 +31,7 @@ __all__ = [
     "extract_backbone_state_dict",
     "infer_vit_config",
     "interpolate_pos_embed",
+    "load_backbone",
     "load_backbone_weights",
     "load_dinov2_backbone",
     "resolve_backend",

@@ -84,11 +84,15 @@ class Block(nn.Module):
         tokens = self._add_residual(tokens, groups, self._attn_residual, nested)
         return self._add_residual(tokens, groups, self._ffn_residual, nested)
 
-    def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference forward through the math attention path; also returns probabilities (B, H, N, N)."""
-        out, probs = self.attn.forward_with_probs(self.norm1(x))
-        x = x + self.ls1(out)
-        return x + self.ls2(self.mlp(self.norm2(x))), probs
+    def inspect(self, x: Tensor, attention: bool, qkv: bool) -> tuple[Tensor | None, Tensor | None]:
+        """What this block's attention sees for input ``x`` (B, N, D), computed beside the forward (which
+        runs as configured): the probabilities (B, H, N, N) through the math path, and the qkv projection
+        (B, N, 3, D) with heads concatenated in each of q, k, v. Either is None unless asked for."""
+        b, n, d = x.shape
+        normed = self.norm1(x.reshape(b * n, d))  # as the forward normalises: on the packed rows
+        probs = self.attn.attention_probs(normed.view(b, n, d)) if attention else None
+        projected = self.attn.qkv(normed).view(b, n, 3, d) if qkv else None
+        return probs, projected
 
     def _attn_residual(self, tokens: Tensor, groups: Groups) -> Tensor:
         return self.ls1(self.attn.forward_groups(self.norm1(tokens), groups))

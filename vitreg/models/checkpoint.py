@@ -193,25 +193,6 @@ def load_backbone_weights(
     return model
 
 
-def load_dinov2_backbone(
-    source: str | PathLike | Mapping, which: Literal["teacher", "student"] = "teacher", **overrides
-) -> VisionTransformer:
-    """Build the architecture the checkpoint describes and load it strictly.
-
-    ``source`` is a DINOv2 file in any layout above, a vitreg ``.ckpt`` or sharded checkpoint directory, a
-    Hugging Face Dinov2 folder (``config.json`` + ``model.safetensors``) or a timm DINOv2 ViT state dict
-    (see ``vitreg.models.formats``); anything else is refused with a guess of what it is.
-    ``overrides`` set what the tensors cannot tell (``attn_backend``, ``drop_path_rate``,
-    ``interpolate_antialias``/``interpolate_offset``, ``num_heads`` for non-64-dim heads) or
-    assert architecture (a contradiction fails the strict check with the list of keys).
-    """
-    from vitreg.models.formats import read_backbone_source  # it builds on this module
-
-    found = read_backbone_source(source, which)
-    model = VisionTransformer(infer_vit_config(found.state, **{**found.config, **overrides}))
-    return load_backbone_weights(model, found.state)
-
-
 def export_dinov2_state_dict(model: VisionTransformer, layout: Layout = "hub", block_chunks: int = 4) -> dict:
     """The backbone in an official layout (tensors are detached CPU copies).
 

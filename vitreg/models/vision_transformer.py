@@ -8,7 +8,9 @@ Parameter names equal DINOv2's hub layout, so official state dicts map one to on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 from vitreg.models.block import Block
 from vitreg.models.config import ViTConfig, vit_config
 from vitreg.models.layers import PatchEmbed
+from vitreg.models.layout import TokenLayout
 from vitreg.models.pos_embed import interpolate_pos_embed
 
 
@@ -58,7 +61,23 @@ class VisionTransformer(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         """CLS + registers: the tokens before the patches."""
-        return 1 + self.num_register_tokens
+        return self.layout.num_prefix
+
+    @property
+    def layout(self) -> TokenLayout:
+        """Where CLS, registers and patches sit in this model's token sequence."""
+        return TokenLayout(self.num_register_tokens)
+
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> patch embeddings (B, h*w, D), before positions and prefix tokens."""
+        self._check_images(x)
+        return self.patch_embed(x)
+
+    def without_stochastic_depth(self) -> VisionTransformer:
+        """Turn stochastic depth off for good (DINOv2's teacher never drops paths); returns the model."""
+        for block in self.blocks:
+            block.drop_path = 0.0
+        return self
 
     def init_weights(self) -> None:
         """DINOv2's init: pos trunc-normal 0.02, CLS/registers N(0, 1e-6), Linear trunc-normal 0.02.
@@ -129,12 +148,11 @@ class VisionTransformer(nn.Module):
         return torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
 
     def _split_outputs(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
-        x_norm = self.norm(x)
-        r = self.num_register_tokens
+        cls, registers, patches = self.layout.split(self.norm(x))
         return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1 : r + 1],
-            "x_norm_patchtokens": x_norm[:, r + 1 :],
+            "x_norm_clstoken": cls,
+            "x_norm_regtokens": registers,
+            "x_norm_patchtokens": patches,
             "x_prenorm": x,
             "masks": masks,
         }
@@ -181,18 +199,75 @@ class VisionTransformer(nn.Module):
             return out
         return self.head(out["x_norm_clstoken"])
 
-    def _block_indices(self, n: int | Sequence[int]) -> list[int]:
+    # ---------------------------------------------------------------- inspection
+    def resolve_block(self, index: int, name: str = "layer") -> int:
+        """A block index as users give it (``0..depth-1``, or ``-1..-depth`` from the end) -> ``0..depth-1``.
+
+        ``name`` is the setting the index came from, for the error message."""
+        depth = len(self.blocks)
+        if isinstance(index, bool) or not isinstance(index, int) or not -depth <= index < depth:
+            raise ValueError(
+                f"{name}={index!r} is out of range for a {depth}-block model; use 0..{depth - 1} or -1..-{depth}"
+            )
+        return index % depth
+
+    def resolve_blocks(self, n: int | Sequence[int], name: str = "blocks") -> list[int]:
+        """DINOv2's convention: an int ``n`` means the last ``n`` blocks, a sequence lists block indices."""
         depth = len(self.blocks)
         if isinstance(n, int):
             if not 1 <= n <= depth:
-                raise ValueError(f"n={n}: can take the last 1..{depth} blocks of this {depth}-block model")
+                raise ValueError(f"{name}={n}: can take the last 1..{depth} blocks of this {depth}-block model")
             return list(range(depth - n, depth))
-        indices = []
-        for i in n:
-            if not -depth <= i < depth:
-                raise ValueError(f"block index {i} out of range for a {depth}-block model")
-            indices.append(i % depth)
-        return indices
+        return [self.resolve_block(i, name) for i in n]
+
+    def iter_layers(
+        self,
+        x: Tensor,
+        *,
+        masks: Tensor | None = None,
+        attention: bool | Sequence[int] = False,
+        qkv: bool | Sequence[int] = False,
+        upto: int | None = None,
+    ) -> Iterator[Layer]:
+        """The residual stream layer by layer, as the forward computes it: layer 0 is the embedded input,
+        layer ``l`` the output of block ``l - 1``. Nothing is kept, so a consumer can reduce each layer
+        before the next is computed (telemetry on ViT-L would otherwise hold every layer's tokens).
+
+        ``attention`` / ``qkv`` (True, or the block indices that need them) add the block's attention
+        probabilities and qkv projection, computed beside the forward (``Block.inspect``): the tokens
+        are exactly the configured kernel's. ``upto`` stops after that many blocks."""
+        tokens = self.prepare_tokens_with_masks(x, masks)
+        yield Layer(0, tokens)
+        depth = len(self.blocks) if upto is None else upto
+        for i, blk in enumerate(self.blocks[:depth]):
+            want_probs = attention is True or (attention is not False and i in attention)
+            want_qkv = qkv is True or (qkv is not False and i in qkv)
+            probs, projected = blk.inspect(tokens, want_probs, want_qkv) if want_probs or want_qkv else (None, None)
+            tokens = blk(tokens)
+            yield Layer(i + 1, tokens, probs, projected)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        blocks: int | Sequence[int] = 1,
+        *,
+        norm: bool = False,
+        attention: bool | Sequence[int] = False,
+        qkv: bool | Sequence[int] = False,
+    ) -> dict[int, Layer]:
+        """The outputs of the chosen blocks (``resolve_blocks``: the last ``n``, or indices), keyed by
+        block index, each a ``Layer`` (tokens through the final LayerNorm when ``norm``; attention
+        probabilities and qkv when asked: True for every chosen block, or some of their indices). Runs no
+        block past the last one chosen."""
+        wanted = self.resolve_blocks(blocks)
+        asked = set(wanted)
+        attention, qkv = (asked if flag is True else flag for flag in (attention, qkv))
+        out = {}
+        for layer in self.iter_layers(x, attention=attention, qkv=qkv, upto=max(wanted) + 1):
+            block = layer.index - 1
+            if block in asked:
+                out[block] = dataclasses.replace(layer, tokens=self.norm(layer.tokens)) if norm else layer
+        return {i: out[i] for i in wanted}
 
     def get_intermediate_layers(
         self,
@@ -209,41 +284,37 @@ class VisionTransformer(nn.Module):
         (B, D, h, w) with ``reshape`` — or a tuple ``(patches, cls[, registers])`` when
         ``return_class_token`` / ``return_register_tokens`` ask for more.
         """
-        wanted = self._block_indices(n)
-        tokens = self.prepare_tokens_with_masks(x)  # validates x
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        taken = {}
-        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
-            tokens = blk(tokens)
-            if i in wanted:
-                taken[i] = tokens
-        outputs = [self.norm(taken[i]) if norm else taken[i] for i in wanted]
-        r = self.num_register_tokens
+        wanted = self.resolve_blocks(n, "n")
+        h, w = self._check_images(x)
+        layers = self.forward_intermediates(x, wanted, norm=norm)
         results = []
-        for out in outputs:
-            patches = out[:, 1 + r :]
+        for i in wanted:
+            out = layers[i].tokens
+            cls, registers, patches = self.layout.split(out)
             if reshape:
                 patches = patches.reshape(out.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
-            extra = ([out[:, 0]] if return_class_token else []) + (
-                [out[:, 1 : 1 + r]] if return_register_tokens else []
-            )
+            extra = ([cls] if return_class_token else []) + ([registers] if return_register_tokens else [])
             results.append((patches, *extra) if extra else patches)
         return tuple(results)
 
     @torch.no_grad()
     def get_attention_maps(self, x: Tensor, blocks: int | Sequence[int] = -1) -> dict[int, Tensor]:
         """Attention probabilities (B, heads, T, T) of the given blocks (default: the last), over all
-        tokens ``[CLS, registers, patches]``. Those blocks run the math path; the rest run as configured.
+        tokens ``[CLS, registers, patches]``, computed through the math path beside the configured forward.
         """
-        wanted = set(self._block_indices([blocks] if isinstance(blocks, int) else blocks))
-        tokens = self.prepare_tokens_with_masks(x)
-        maps = {}
-        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
-            if i in wanted:
-                tokens, maps[i] = blk.forward_with_attention(tokens)
-            else:
-                tokens = blk(tokens)
-        return maps
+        indices = [blocks] if isinstance(blocks, int) else blocks
+        layers = self.forward_intermediates(x, indices, attention=True)
+        return {i: layer.attention for i, layer in layers.items()}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of the residual stream (see ``VisionTransformer.iter_layers``)."""
+
+    index: int  # 0: the embedded input; l: the output of block l - 1
+    tokens: Tensor  # (B, T, D) in the layout [CLS, registers, patches]
+    attention: Tensor | None = None  # (B, H, T, T) probabilities inside block index - 1
+    qkv: Tensor | None = None  # (B, T, 3, D): q, k, v of block index - 1, heads concatenated
 
 
 def build_vit(name: str | ViTConfig, **overrides) -> VisionTransformer:

@@ -9,55 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from vitreg.models.checkpoint import infer_vit_config, load_backbone_weights
-from vitreg.models.config import vit_config_from_mapping
-from vitreg.models.formats import read_backbone_source
-from vitreg.models.vision_transformer import VisionTransformer
+from vitreg.data.probe import image_probe, save_probe, synthetic_probe
+from vitreg.models.load import load_backbone
 from vitreg.telemetry.measure import measure
-from vitreg.telemetry.probe import image_probe, save_probe, synthetic_probe
 from vitreg.telemetry.stats import TelemetrySettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedBackbone:
-    model: VisionTransformer
-    source: str  # "vitreg" (a training checkpoint with its config), or weights only: "dinov2", "hf", "timm"
-    step: int | None  # the training step of a vitreg checkpoint
-    train_resolution: int  # the global crop size it was trained at (224 for official weights)
-
-
-def load_backbone(
-    path: str | os.PathLike, which: Literal["teacher", "student"] = "teacher", **overrides
-) -> LoadedBackbone:
-    """The backbone of any supported checkpoint, loaded strictly: a file, an FSDP2 sharded checkpoint
-    directory, a Hugging Face Dinov2 folder or a timm state dict (``vitreg.models.formats``).
-
-    vitreg checkpoints carry their training config, so the architecture (incl. interpolation
-    settings) is rebuilt from it; official files are described by their tensors (DINOv2's
-    conventions for register models apply: antialiased interpolation, offset 0), HF and timm
-    exports by their format (and ``vitreg_export.json`` when present)."""
-    found = read_backbone_source(path, which)
-    checkpoint, state = found.checkpoint, found.state
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    cfg = hparams.get("cfg") if isinstance(hparams, dict) else None
-    if isinstance(cfg, dict) and "model" in cfg and "augment" in cfg:
-        resolution = int(cfg["augment"]["global_crops_size"])
-        vit_cfg = vit_config_from_mapping({**cfg["model"], **overrides}, resolution)
-        model = VisionTransformer(vit_cfg)
-        source, step = "vitreg", checkpoint.get("global_step")
-    else:
-        model = VisionTransformer(infer_vit_config(state, **{**found.config, **overrides}))
-        source, step, resolution = found.format, None, 224
-    load_backbone_weights(model, state)
-    return LoadedBackbone(model.eval(), source, step, resolution)
 
 
 def analyze_checkpoint(

@@ -1,7 +1,7 @@
-"""Capture per-layer token statistics of a backbone with forward hooks, without keeping activations.
+"""Capture per-layer token statistics of a backbone layer by layer, without keeping activations.
 
 A probe forward of ViT-L on 64 images would hold ~1.6 GB if every layer's tokens were kept, so each
-hook reduces its layer at once: L2 norms of every token before and after the final LayerNorm, the
+layer is reduced as the backbone's ``iter_layers`` yields it: L2 norms of every token before and after the final LayerNorm, the
 prefix tokens (CLS + registers) after it, the channel-activation extremes, and, recomputed through
 the math path from the block input, the CLS attention row and the attention each token receives.
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from vitreg.models.layout import TokenLayout
 
 
 @dataclass
@@ -42,8 +44,8 @@ class Capture:
     extras: dict = field(default_factory=dict)
 
     @property
-    def num_prefix(self) -> int:
-        return 1 + self.num_registers
+    def layout(self) -> TokenLayout:
+        return TokenLayout(self.num_registers)
 
     @property
     def depth(self) -> int:
@@ -72,14 +74,14 @@ def neighbour_cosine(patch_tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     return total / count.clamp(min=1)
 
 
-def _reduce_layer(backbone: nn.Module, x: Tensor, num_prefix: int) -> LayerCapture:
+def _reduce_layer(backbone: nn.Module, x: Tensor, layout: TokenLayout) -> LayerCapture:
     x = x.float()
     post = backbone.norm(x).float()
-    patches = x[:, num_prefix:].abs()
+    patches = layout.patches(x).abs()
     return LayerCapture(
         prenorm_norms=x.norm(dim=-1).cpu(),
         postnorm_norms=post.norm(dim=-1).cpu(),
-        prefix_postnorm=post[:, :num_prefix].cpu(),
+        prefix_postnorm=layout.prefix(post).cpu(),
         max_abs_activation=float(patches.max()) if patches.numel() else 0.0,
         median_abs_activation=float(patches.median()) if patches.numel() else 0.0,
     )
@@ -87,61 +89,29 @@ def _reduce_layer(backbone: nn.Module, x: Tensor, num_prefix: int) -> LayerCaptu
 
 @torch.no_grad()
 def capture(backbone: nn.Module, images: Tensor, attention: bool = True) -> Capture:
-    """One forward of ``backbone`` (a ``VisionTransformer``) on ``images`` (B, 3, H, W) with hooks
-    on ``patch_embed`` and every block. The caller chooses train/eval mode; use eval for telemetry."""
+    """One forward of ``backbone`` (a ``VisionTransformer``) on ``images`` (B, 3, H, W), each layer reduced
+    as ``iter_layers`` computes it. The caller chooses train/eval mode; use eval for telemetry."""
     p = backbone.patch_size
     grid = (images.shape[-2] // p, images.shape[-1] // p)
-    num_prefix = 1 + backbone.num_register_tokens
-    layers: list[LayerCapture | None] = [None] * (len(backbone.blocks) + 1)
-    patch_cos: list[Tensor] = []
-    handles = []
-
-    def on_patch_embed(_module, _args, out: Tensor) -> None:
-        patch_cos.append(neighbour_cosine(out, grid).cpu())
-
-    def before_block(index: int):
-        def hook(block: nn.Module, args) -> None:
-            x = args[0]
-            if index == 0:
-                layers[0] = _reduce_layer(backbone, x, num_prefix)
-            if attention:
-                probs = block.attn.attention_probs(block.norm1(x)).float()  # (B, H, T, T)
-                target = layers[index + 1] = layers[index + 1] or {}
-                target["cls"] = probs[:, :, 0].cpu()
-                target["received"] = probs.mean(dim=2).cpu()
-                target["registers"] = probs[:, :, 1:num_prefix].mean(dim=1).cpu()
-
-        return hook
-
-    def after_block(index: int):
-        def hook(_block, _args, out: Tensor) -> None:
-            pending = layers[index + 1] if isinstance(layers[index + 1], dict) else {}
-            layer = _reduce_layer(backbone, out, num_prefix)
-            layer.cls_attention = pending.get("cls")
-            layer.received_attention = pending.get("received")
-            layer.register_attention = pending.get("registers")
-            layers[index + 1] = layer
-
-        return hook
-
-    handles.append(backbone.patch_embed.register_forward_hook(on_patch_embed))
-    for i, block in enumerate(backbone.blocks):
-        handles.append(block.register_forward_pre_hook(before_block(i)))
-        handles.append(block.register_forward_hook(after_block(i)))
-    try:
-        with torch.autocast(images.device.type, enabled=False):
-            backbone.forward_features(images.float())
-    finally:
-        for handle in handles:
-            handle.remove()
-    if any(not isinstance(layer, LayerCapture) for layer in layers):
-        raise RuntimeError("telemetry hooks did not see every block; is the backbone a vitreg VisionTransformer?")
+    layout = backbone.layout
+    layers = []
+    with torch.autocast(images.device.type, enabled=False):
+        x = images.float()
+        patch_cos = neighbour_cosine(backbone.embed_patches(x), grid).cpu()
+        for layer in backbone.iter_layers(x, attention=attention):
+            reduced = _reduce_layer(backbone, layer.tokens, layout)
+            if layer.attention is not None:
+                probs = layer.attention.float()  # (B, H, T, T)
+                reduced.cls_attention = layout.cls(probs, dim=2).cpu()
+                reduced.received_attention = probs.mean(dim=2).cpu()
+                reduced.register_attention = layout.registers(probs, dim=2).mean(dim=1).cpu()
+            layers.append(reduced)
     registers = getattr(backbone, "register_tokens", None)
     return Capture(
-        layers=layers,  # type: ignore[arg-type]
+        layers=layers,
         grid=grid,
-        num_registers=backbone.num_register_tokens,
-        neighbour_cosine=patch_cos[0],
+        num_registers=layout.num_registers,
+        neighbour_cosine=patch_cos,
         register_params=registers.detach()[0].float().cpu() if registers is not None else None,
     )
 

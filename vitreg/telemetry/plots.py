@@ -9,51 +9,22 @@ by the garbage collector like any other object.
 
 from __future__ import annotations
 
-import io
-import math
-import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vitreg.utils.io import atomic_write_bytes
+from vitreg.utils.figures import new_figure, values
 
-DPI = 100
 QUANTILE_KEYS = ("p50", "p90", "p99", "max")
 DETECTOR_COLOURS = {"fixed": "tab:gray", "robust_z": "tab:orange", "valley": "tab:blue"}
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
-    """A pyplot-free figure (inches) on an Agg canvas, with constrained layout unless ``layout=None``."""
-    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def close(fig: Figure) -> None:
-    """Release ``fig``: unregister it from pyplot when pyplot made it. Its artists are left to the
-    garbage collector: ``fig.clear()`` rebuilds every axis' ticks and cost ~0.5 s per map figure."""
-    pyplot = sys.modules.get("matplotlib.pyplot")
-    if pyplot is not None:
-        pyplot.close(fig)
-
-
-def values(xs: Sequence | None) -> np.ndarray:
-    """A record list as floats, with None (JSON's NaN / no value) as NaN."""
-    if xs is None:
-        return np.zeros(0)
-    return np.array([math.nan if x is None else float(x) for x in xs], dtype=float)
 
 
 def record_title(record: dict, name: str | None = None) -> str:
@@ -406,26 +377,3 @@ def emergence_heatmap(
     )
     fig.colorbar(image, ax=ax, label="outlier fraction", pad=0.01)
     return fig
-
-
-# --------------------------------------------------------------------------------------- output
-
-
-def figure_to_array(fig: Figure) -> np.ndarray:
-    """The rendered figure as a uint8 (H, W, 3) array (e.g. for ``wandb.Image``); closes ``fig``."""
-    try:
-        canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-        canvas.draw()
-        return np.array(canvas.buffer_rgba(), dtype=np.uint8)[..., :3].copy()
-    finally:
-        close(fig)
-
-
-def save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Render ``fig`` to a PNG at ``path`` (through a temporary file and a rename) and close it."""
-    try:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=DPI)
-        return atomic_write_bytes(Path(path), buffer.getvalue())
-    finally:
-        close(fig)

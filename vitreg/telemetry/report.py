@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from vitreg.telemetry import plots
-from vitreg.telemetry.store import json_ready
-from vitreg.utils.io import atomic_write_bytes
+from vitreg.utils.figures import save, values
+from vitreg.utils.io import atomic_write_bytes, json_ready
 
 REPORT = "report.json"
 
@@ -59,7 +59,7 @@ def _last(xs):
 
 def _max(x):
     """The largest finite value of a number or a list of numbers (None when there is none)."""
-    xs = plots.values(x if isinstance(x, (list, tuple)) else [x])
+    xs = values(x if isinstance(x, (list, tuple)) else [x])
     return float(np.nanmax(xs)) if xs.size and np.isfinite(xs).any() else None
 
 
@@ -73,7 +73,7 @@ def summarise(record: dict, name: str | None = None) -> dict:
     stream = record.get("stream", "prenorm")
     outliers = record["outliers"]
     has_registers = bool(record.get("num_registers"))
-    ratios = plots.values(record.get("max_median_ratio"))
+    ratios = values(record.get("max_median_ratio"))
     peak_layer = int(np.nanargmax(ratios)) if ratios.size and np.isfinite(ratios).any() else None
     attention = record.get("attention", {})
     last_patch = {d: _last(v["patch_fraction"]) for d, v in outliers.items()}
@@ -148,5 +148,5 @@ def write_report(
     }
     if maps and "norm" in maps:
         figures["attention_maps.png"] = lambda: plots.attention_maps(probe_images, maps, record.get("resolution"))
-    paths = [plots.save(make(), out / filename) for filename, make in figures.items()]
+    paths = [save(make(), out / filename) for filename, make in figures.items()]
     return {"json": json_path, "plots": paths}

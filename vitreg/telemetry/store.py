@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitreg.utils.io import atomic_write_bytes
+from vitreg.utils.io import atomic_write_bytes, json_ready
 
 TELEMETRY_DIR = "telemetry"
 RECORDS = "telemetry.jsonl"
@@ -41,17 +41,6 @@ MAPS_NAME = re.compile(r"step(?P<step>\d+)_(?P<model>.+)_r(?P<resolution>\d+)\.n
 
 def maps_path(root: Path, step: int, model: str, resolution: int) -> Path:
     return root / "maps" / f"step{step:07d}_{model}_r{resolution}.npz"
-
-
-def json_ready(obj):
-    """``obj`` with NaN and infinities replaced by None (strict JSON), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    return obj
 
 
 class TelemetryWriter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -119,3 +120,14 @@ def load_weights_only(path: str | PathLike, mmap: bool = False) -> Any:
     containers only (``weights_only=True``, whatever torch's default or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
     say). Every project load of a file goes through this or ``vitreg.models.checkpoint``."""
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def json_ready(obj):
+    """``obj`` with NaN and infinities replaced by None (strict JSON), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
