@@ -24,9 +24,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from vitreg.lit.wandb_logger import ID_FILE
+from vitreg.utils.distributed import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _gather(obj: Any) -> list[Any]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 class ResumeMismatchError(RuntimeError):
@@ -100,7 +92,7 @@ class ExactResume(L.Callback):
             "workers": self.workers,
             "rng": collect_rng_states(),
         }
-        ranks = _gather(rank_state)  # every rank saves; rank 0 writes the file with all of them
+        ranks = gather_objects(rank_state)  # every rank saves; rank 0 writes the file with all of them
         id_file = self.run_dir / ID_FILE if self.run_dir else None
         wandb_id = id_file.read_text().strip() if id_file and id_file.exists() else None
         return {"world_size": len(ranks), "ranks": ranks, "wandb_id": wandb_id}

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from omegaconf import DictConfig
 from torch import nn
 
+from vitreg.utils.distributed import broadcast_module_, rank_and_world
 from vitreg.utils.io import fsync_directory, load_weights_only
 from vitreg.utils.sharded import read_sharded_metadata
 
@@ -276,15 +276,6 @@ def _mixed_precision(param_dtype: str, reduce_dtype: str):
     return MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
 
 
-@torch.no_grad()
-def _broadcast_from_rank0(module: nn.Module, group) -> None:
-    """Every rank starts from rank 0's weights and buffers (DINOv2's ``sync_module_states=True``; DDP
-    does the same when it wraps). FSDP2 does not, and each rank keeps the shard of its own init."""
-    src = dist.get_global_rank(group, 0)
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=src, group=group)
-
-
 def shard_objective(objective: nn.Module, mesh, fsdp_cfg: DictConfig) -> None:
     """Apply FSDP2 to a ``DINOv2Objective`` in place (see the module docstring); a no-op if already done.
 
@@ -295,7 +286,8 @@ def shard_objective(objective: nn.Module, mesh, fsdp_cfg: DictConfig) -> None:
 
     if is_sharded(objective):
         return
-    _broadcast_from_rank0(objective, mesh.get_group())
+    # every rank starts from rank 0's weights, as DDP does when it wraps; FSDP2 would keep each rank's own init
+    broadcast_module_(objective, mesh.get_group())
     backbone_mp = _mixed_precision(fsdp_cfg.param_dtype, fsdp_cfg.reduce_dtype)
     head_mp = _mixed_precision(fsdp_cfg.param_dtype, fsdp_cfg.head_reduce_dtype)
     # The teacher has no backward to reshard it: it must reshard after its forward, so that the EMA
@@ -340,7 +332,7 @@ def unsharded_copy(backbone: nn.Module, device: torch.device | str) -> nn.Module
     from torch.distributed.fsdp import FSDPModule
 
     state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
+    if rank_and_world()[0] != 0:
         return None
     plain = next(c for c in type(backbone).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses
     with torch.device("meta"):

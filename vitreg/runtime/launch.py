@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vitreg.utils.distributed import is_initialized
+
 
 @dataclass(frozen=True)
 class ProcessInfo:
@@ -80,7 +82,7 @@ def init_distributed(device: str | None = None) -> tuple[ProcessInfo, torch.devi
 
 
 def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

@@ -130,6 +130,15 @@ def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
         t.copy_(buffer)
 
 
+@torch.no_grad()
+def broadcast_module_(module: nn.Module, group: dist.ProcessGroup) -> None:
+    """Every rank of ``group`` takes the weights and buffers of the group's first rank, in place, on their
+    own device (DINOv2's ``sync_module_states=True``). A collective for every rank of the group."""
+    src = dist.get_global_rank(group, 0)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=src, group=group)
+
+
 def gather_rows(t: Tensor) -> Tensor:
     """Every rank's ``t`` concatenated along dim 0 in rank order, on every rank.
 
