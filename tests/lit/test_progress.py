@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
 import vitreg.lit.perf as perf_module
-import vitreg.lit.progress as progress_module
 from tests.conftest import TINY, compose_config
 from vitreg.lit.perf import PerfMonitor
 from vitreg.lit.pretrain import pretrain
 from vitreg.lit.progress import LineProgress, progress_line, progress_mode
+from vitreg.utils.clock import format_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 LINE = re.compile(
@@ -208,7 +208,7 @@ def test_mfu_is_logged_given_the_flops_per_image_and_a_device_peak(tmp_path, mon
 
 def test_modules_import_without_a_gpu():
     assert perf_module.peak_flops(torch.device("cpu")) is None
-    assert progress_module.format_duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == "2 days, 3:04:05"
+    assert format_duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == "2 days, 3:04:05"
 
 
 def test_cli_prints_the_run_summary_on_rank_zero_only(monkeypatch, capsys):

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO, TypeVar
 
+from vitreg.utils.clock import format_duration
 from vitreg.utils.distributed import rank_and_world
 
 MODES = ("off", "auto", "bar", "lines")
@@ -39,12 +40,6 @@ def set_progress(mode: str) -> None:
 
 def get_progress() -> str:
     return _mode
-
-
-def _format_duration(seconds: float) -> str:
-    from vitreg.lit.progress import format_duration  # the training lines' ETA format
-
-    return format_duration(seconds)
 
 
 def _resolve(mode: str, stream: TextIO) -> str:
@@ -100,11 +95,11 @@ class TaskProgress:
             parts.append(f"{100 * self.done / self.total:.0f}%")
         parts.append(f"{rate:.1f} {self.unit}/s")
         if final:
-            parts.append(f"done in {_format_duration(elapsed)}")
+            parts.append(f"done in {format_duration(elapsed)}")
         elif self.total and rate > 0:
-            parts.append(f"eta {_format_duration((self.total - self.done) / rate)}")
+            parts.append(f"eta {format_duration((self.total - self.done) / rate)}")
         else:
-            parts.append(f"elapsed {_format_duration(elapsed)}")
+            parts.append(f"elapsed {format_duration(elapsed)}")
         return "  ".join(parts)
 
     def _print(self, text: str) -> None:

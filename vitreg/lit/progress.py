@@ -12,7 +12,6 @@ printed on global rank 0 only.
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 from typing import Any, TextIO
 
 import lightning as L
@@ -20,6 +19,7 @@ from lightning.pytorch.callbacks import ProgressBar
 
 from vitreg.lit.callbacks import is_logging_step
 from vitreg.lit.perf import PerfMonitor
+from vitreg.utils.clock import format_duration
 
 MODES = ("auto", "bar", "lines")
 
@@ -33,11 +33,6 @@ def progress_mode(mode: str, stream: TextIO | None = None) -> str:
     stream = stream or sys.stdout
     isatty = getattr(stream, "isatty", None)
     return "bar" if isatty is not None and isatty() else "lines"
-
-
-def format_duration(seconds: float) -> str:
-    """``17:46:40``, or ``2 days, 3:04:05`` past a day (as DINOv2's ETA)."""
-    return str(timedelta(seconds=round(seconds)))
 
 
 def progress_line(step: int, total: int, loss: float | None, lr: float | None, perf: dict[str, float]) -> str:
