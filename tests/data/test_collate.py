@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vitreg.data import MultiCropCollator
 from vitreg.data import collate as collate_module
+from vitreg.data.collate import MultiCropCollator
 
 G, PATCH, L, LOCAL = 28, 7, 3, 14  # 4x4 patch grid: N = 16
 N = (G // PATCH) ** 2

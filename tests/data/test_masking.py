@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from vitreg.data import BlockMaskGenerator
+from vitreg.data.masking import BlockMaskGenerator
 
 
 def reference_mask(height: int, width: int, target: int, max_patches: float, rng: random.Random) -> list[list[bool]]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitreg.data import SHAPES, SyntheticShapes
+from vitreg.data.synthetic import SHAPES, SyntheticShapes
 
 
 def test_item_dtype_shape_and_label() -> None:

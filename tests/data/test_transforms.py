@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vitreg.data import BLUR_PROBABILITIES, IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform
 from vitreg.data import transforms as T
+from vitreg.data.transforms import BLUR_PROBABILITIES, IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform
 
 LUMA = np.array([0.299, 0.587, 0.114])
 

@@ -1,13 +1,13 @@
 """Pure-PyTorch backbone: DINOv2's ViT with N registers, and official-checkpoint interop.
 
-Nothing here imports Lightning, Hydra or any other part of vitreg.
+Nothing here imports Lightning, Hydra or any other part of vitreg. The names below are the public API
+that README.md, docs/export.md and scripts/ use; everything else is imported from its module.
 """
 
-from vitreg.models.attention import ATTN_BACKENDS, resolve_backend, xformers_available
+from vitreg.models.attention import xformers_available
 from vitreg.models.checkpoint import (
     CheckpointMismatchError,
     export_dinov2_state_dict,
-    extract_backbone_state_dict,
     infer_vit_config,
     load_backbone_weights,
     save_dinov2_checkpoint,
@@ -19,7 +19,6 @@ from vitreg.models.pos_embed import interpolate_pos_embed
 from vitreg.models.vision_transformer import VisionTransformer, build_vit
 
 __all__ = [
-    "ATTN_BACKENDS",
     "VIT_SIZES",
     "CheckpointMismatchError",
     "LoadedBackbone",
@@ -28,13 +27,11 @@ __all__ = [
     "VisionTransformer",
     "build_vit",
     "export_dinov2_state_dict",
-    "extract_backbone_state_dict",
     "infer_vit_config",
     "interpolate_pos_embed",
     "load_backbone",
     "load_backbone_weights",
     "load_dinov2_backbone",
-    "resolve_backend",
     "save_dinov2_checkpoint",
     "vit_config",
     "xformers_available",
