@@ -75,18 +75,13 @@ def attempt(fn, *args, **kwargs) -> None:
 
 
 def test_library_entry_points_never_run_code(tmp_path, marker):
-    from vitreg.lit.checkpointing import (
-        AtomicCheckpointIO,
-        checkpoint_metadata,
-        checkpoint_step,
-        newest_good_checkpoint,
-        readable,
-    )
+    from vitreg.lit.checkpointing import AtomicCheckpointIO, newest_good_checkpoint, readable
     from vitreg.lit.module import DINOv2Module
     from vitreg.lit.resume import restore_wandb_id
     from vitreg.lit.strategies import sharded_checkpoint_problem
     from vitreg.models import load_backbone_weights, load_dinov2_backbone
     from vitreg.models.load import load_backbone
+    from vitreg.utils.io import checkpoint_metadata, checkpoint_step
 
     evil = plant(tmp_path / "evil.ckpt", marker)
     sharded = plant_sharded(tmp_path / "run" / "checkpoints" / "step0000009.ckpt", marker)

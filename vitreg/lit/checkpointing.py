@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from vitreg.utils.io import atomic_open, load_weights_only
+from vitreg.utils.io import atomic_open, checkpoint_metadata, checkpoint_step, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +148,6 @@ class FinalCheckpoint(L.Callback):
 
 
 # ------------------------------------------------------------------------------------ reading
-def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's top-level dict without reading its tensors' data: the file memory-mapped, or the
-    ``meta.pt`` of an FSDP2 sharded checkpoint directory. Never executes code from the file."""
-    path = Path(path)
-    if path.is_dir():
-        return load_weights_only(path / "meta.pt")
-    return load_weights_only(path, mmap=True)
-
-
 def readable(path: Path, verify_checksum: bool = False) -> str | None:
     """None when ``path`` loads as a checkpoint, else why not. Memory-maps the file, so checking a
     ViT-L checkpoint reads its index, not its gigabytes, unless ``verify_checksum`` (then every tensor
@@ -172,11 +163,6 @@ def readable(path: Path, verify_checksum: bool = False) -> str | None:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a Lightning checkpoint (no state_dict/global_step)"
     return checksum_problem_of(path) if verify_checksum else None
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The global step of a checkpoint file or sharded directory, without reading the weights."""
-    return int(checkpoint_metadata(path)["global_step"])
 
 
 def _step_or_problem(path: Path) -> int | str:

@@ -20,7 +20,6 @@ from vitreg.lit.checkpointing import (
     FinalCheckpoint,
     checkpoint_callback,
     checkpoint_dir,
-    checkpoint_metadata,
     last_checkpoint_path,
     newest_good_checkpoint,
     readable,
@@ -41,7 +40,7 @@ from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import check_launcher
 from vitreg.runtime.signals import PreemptionHandler, slurm_plugins
 from vitreg.runtime.sweep_summary import write_run_summary
-from vitreg.utils.io import atomic_write_bytes, remove_stale_temp_files
+from vitreg.utils.io import atomic_write_bytes, checkpoint_metadata, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 # The teacher is in eval mode on purpose (no drop path); Lightning warns about any eval-mode module.
@@ -177,7 +176,7 @@ def pretrain(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -
     if cfg.data.name == "webdataset" or cfg.data.synthetic.as_shards:
         w = cfg.data.webdataset
         callbacks.append(DataHealth(w.max_skip_fraction, w.min_samples_before_abort))
-    callbacks.append(ExactResume(datamodule, cfg.data.num_workers, strict=cfg.data.exact_resume, run_dir=run_dir))
+    callbacks.append(ExactResume(run_dir=run_dir))
     knn, linear = build_online_probes(cfg, datamodule)  # None unless callbacks.online_knn / online_linear
     callbacks.extend(probe for probe in (knn, linear) if probe is not None)
     telemetry = None

@@ -19,7 +19,7 @@ import re
 import secrets
 from pathlib import Path
 
-from vitreg.utils.io import fsync_directory
+from vitreg.utils.io import checkpoint_step, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ def step_folder_name(step: int) -> str:
 def run_checkpoint_step(checkpoint: Path) -> int | None:
     """The step stored in a run's checkpoint (file or sharded directory), or None when it cannot be read
     (then the task's own loading says why)."""
-    from vitreg.lit.checkpointing import checkpoint_step
-
     try:
         return checkpoint_step(checkpoint)
     except Exception:  # unreadable, foreign layout: fall back to the file name

@@ -122,6 +122,20 @@ def load_weights_only(path: str | PathLike, mmap: bool = False) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's top-level dict without reading its tensors' data: the file memory-mapped, or the
+    ``meta.pt`` of an FSDP2 sharded checkpoint directory. Never executes code from the file."""
+    path = Path(path)
+    if path.is_dir():
+        return load_weights_only(path / "meta.pt")
+    return load_weights_only(path, mmap=True)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a checkpoint file or sharded directory, without reading the weights."""
+    return int(checkpoint_metadata(path)["global_step"])
+
+
 def json_ready(obj):
     """``obj`` with NaN and infinities replaced by None (strict JSON), recursively."""
     if isinstance(obj, float):
