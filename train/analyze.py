@@ -17,15 +17,14 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vitreg.config import ConfigError, register_configs, validate_analyze_config
+from vitreg.config import AnalyzeConfig, ConfigError, register_configs, to_dataclass, validate_analyze_config
 from vitreg.eval.progress import set_progress
 from vitreg.eval.summary import summary_lines
 from vitreg.eval.tasks import run_task
-from vitreg.lit.telemetry import telemetry_settings
 from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import init_distributed, shutdown_distributed
 from vitreg.runtime.report_dir import default_report_dir, link_last
@@ -56,14 +55,19 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"config error: {err}")
     # a run's checkpoint: <run_dir>/analysis/step<N> by the step inside (last.ckpt changes), `last` links the newest
     out = Path(cfg.out) if cfg.out else default_report_dir(cfg.checkpoint)
-    if cfg.task == "telemetry":
-        telemetry(cfg, out)
-        return
+    analysis = to_dataclass(AnalyzeConfig, cfg)
+    if analysis.task == "telemetry":  # the one task of vitreg.eval.tasks.TASKS that is not an evaluation
+        telemetry(analysis, out)
+    else:
+        evaluate(analysis, out)
+
+
+def evaluate(cfg: AnalyzeConfig, out: Path) -> None:
     info, device = init_distributed(cfg.device)
     quiet_other_ranks(info.rank)  # one copy of each info line, not one per process
     set_progress(cfg.progress)  # bars or lines for the long loops (rank 0 only)
     try:
-        path, payload = run_task(OmegaConf.to_container(cfg, resolve=True), out, device)
+        path, payload = run_task(cfg, out, device)
     except ValueError as err:  # bad data or settings found while reading them: say what, not a traceback
         sys.exit(f"{cfg.task} failed: {err}")
     finally:
@@ -77,15 +81,15 @@ def main(cfg: DictConfig) -> None:
             print(f"  {line}")
 
 
-def telemetry(cfg: DictConfig, out: Path) -> None:
+def telemetry(cfg: AnalyzeConfig, out: Path) -> None:
     summary = analyze_checkpoint(
         cfg.checkpoint,
         out,
         images=cfg.images,
         num_images=cfg.num_images,
-        resolutions=list(cfg.resolutions),
+        resolutions=cfg.resolutions,
         which=cfg.model,
-        settings=telemetry_settings(cfg.telemetry),
+        settings=cfg.telemetry,
         device=cfg.device,
         attention=cfg.telemetry.attention,
         chunk_size=cfg.telemetry.chunk_size,

@@ -1,10 +1,13 @@
-"""Structured configs for ``train/pretrain.py``: one dataclass per Hydra config group.
+"""Structured configs for ``train/pretrain.py`` and ``train/analyze.py``: the run-level composition.
 
-Registered in Hydra's ConfigStore as ``pretrain_schema``, so a misspelled key or a wrong type
-fails when the config is composed, naming the key. ``validate_config`` then checks the
+Each concept's settings are one dataclass owned by its package (``vitreg.models.config.ModelConfig``,
+``vitreg.ssl.config``, ``vitreg.telemetry.stats.TelemetrySettings``, the settings of ``vitreg.eval``'s
+tasks); this module composes them with the run-level groups (trainer, logger, callbacks, paths, runtime,
+data) into ``pretrain_schema`` and ``analyze_schema`` in Hydra's ConfigStore, so a misspelled key or a
+wrong type fails when the config is composed, naming the key. ``validate_config`` then checks the
 combinations that cannot work, before any model is built. Defaults are DINOv2's
-(``ssl_default_config.yaml``, shared/reference/dinov2.md §4.1); the YAML files in ``conf/``
-choose between them.
+(``ssl_default_config.yaml``, shared/reference/dinov2.md §4.1); the YAML files in ``conf/`` choose
+between them. Code takes a group as its typed dataclass with ``to_dataclass``.
 """
 
 from __future__ import annotations
@@ -14,34 +17,28 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vitreg.models.config import VIT_SIZES
+from vitreg.eval.knn import KNNSettings
+from vitreg.eval.linear import MODES as LINEAR_MODES
+from vitreg.eval.linear import LinearProtocol
+from vitreg.eval.lost import FEATURE_KINDS, NORMALIZATIONS, LostSettings
+from vitreg.eval.occlusion import OcclusionSettings
+from vitreg.eval.progress import MODES as PROGRESS_MODES
+from vitreg.eval.tasks import AUTOCAST_DTYPES, TASKS
+from vitreg.eval.token_probes import CLASSIFIERS, FEATURES, FIT_ON, OutlierProbeSettings
+from vitreg.models.attention import ATTN_BACKENDS
+from vitreg.models.config import VIT_SIZES, ModelConfig
+from vitreg.models.layers import FFN_KINDS
+from vitreg.ssl.config import CENTERINGS, ON_NONFINITE, OptimConfig, SSLConfig
+from vitreg.ssl.schedules import SCALING_RULES
+from vitreg.telemetry.detectors import DETECTORS
+from vitreg.telemetry.stats import STREAMS, TelemetrySettings
 
-
-@dataclass
-class ModelConfig:
-    """The backbone (student and teacher). ``num_register_tokens`` follows the top-level ``registers``."""
-
-    arch: str = "vitl"  # vitt | vits | vitb | vitl | vitg
-    patch_size: int = 14
-    num_register_tokens: int = II("registers")
-    ffn_layer: str | None = None  # mlp | swiglu; None: the size's own (swiglu for vitg)
-    drop_path_rate: float = 0.3  # student only; the teacher never drops
-    drop_path_uniform: bool = True
-    layerscale_init: float | None = 1e-5
-    qkv_bias: bool = True
-    proj_bias: bool = True
-    ffn_bias: bool = True
-    interpolate_antialias: bool | None = None  # None: on with registers (DINOv2 reg models), else off
-    interpolate_offset: float | None = None  # None: 0 with registers, else 0.1
-    register_pos_embed: bool = False  # ablation: learned positions for registers
-    register_init_std: float = 1.0e-6  # DINOv2; 0.02 as DINOv3 separates registers sooner in short runs
-    attn_backend: str = "auto"  # auto | sdpa | xformers | math
-    pretrained_weights: str | None = None  # an official DINOv2 backbone file, loaded into the student
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,76 +57,6 @@ class AugmentConfig:
     # how crops leave the loader workers: uint8 (normalised on the GPU, 4x fewer bytes) or normalised float32;
     # auto: uint8 when training on CUDA
     crops_dtype: str = "auto"
-
-
-@dataclass
-class HeadConfig:
-    loss_weight: float = 1.0
-    head_n_prototypes: int = 65536
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    head_hidden_dim: int = 2048
-
-
-@dataclass
-class DinoConfig(HeadConfig):
-    koleo_loss_weight: float = 0.1
-
-
-@dataclass
-class IbotConfig(HeadConfig):
-    mask_sample_probability: float = 0.5
-    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
-    separate_head: bool = False
-    # Official DINOv2 masks the student's global crops even when iBOT is off (loss_weight=0), so
-    # mask_token keeps learning and DINO/KoLeo see masked inputs; false: no masking without iBOT.
-    mask_when_off: bool = True
-    # Pad the masked tokens to the batch's upperbound (zero weight, out of the target sums), as DINOv2 pads its
-    # head input: static shapes for compile; equal to unpadded up to fp32 summation order.
-    pad_masked_tokens: bool = True
-
-
-@dataclass
-class TeacherConfig:
-    momentum_teacher: float = 0.992
-    final_momentum_teacher: float = 1.0
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.07
-    warmup_teacher_temp_epochs: int = 30
-
-
-@dataclass
-class SSLConfig:
-    dino: DinoConfig = field(default_factory=DinoConfig)
-    ibot: IbotConfig = field(default_factory=IbotConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    centering: str = "centering"  # centering | sinkhorn_knopp
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    sinkhorn_iterations: int = 3
-    on_nonfinite: str = "raise"  # raise | skip: what a NaN/inf loss does
-    # with on_nonfinite=skip: stop with an error once more steps than this were skipped
-    # (>= 1: a count; in (0, 1): a fraction of the steps tried)
-    max_skipped_steps: float = 10
-
-
-@dataclass
-class OptimConfig:
-    epochs: int = 100
-    official_epoch_length: int = 1250  # DINOv2's "epoch" is this many iterations, whatever the dataset
-    base_lr: float = 0.004  # for a global batch of 1024; scaled by scaling_rule
-    scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 | none
-    min_lr: float = 1.0e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0  # per sub-module (backbone, each head); 0 disables
-    freeze_last_layer_epochs: int = 1
-    patch_embed_lr_mult: float = 0.2
-    layerwise_decay: float = 0.9
-    adamw_beta1: float = 0.9
-    adamw_beta2: float = 0.999
-    fused: bool | None = None  # fused AdamW kernel; null: on with CUDA (numerically close, not bitwise, to foreach)
 
 
 @dataclass
@@ -230,6 +157,7 @@ class LoggerConfig:
 
 
 LOGGERS = ("csv", "tensorboard", "wandb")  # the order they are built in
+MODELS = ("teacher", "student")  # the backbones a run measures / a checkpoint holds
 
 
 def active_loggers(logger: Any) -> list[str]:
@@ -240,9 +168,13 @@ def active_loggers(logger: Any) -> list[str]:
     return [name for name in LOGGERS if (logger.enabled or {}).get(name)]
 
 
+MEDIA_STYLES = ("figures", "tiles")  # how vitreg/lit/telemetry.py draws its pictures
+
+
 @dataclass
-class TelemetryConfig:
-    """Artifact telemetry on a fixed probe batch (see conf/callbacks/default.yaml for each key)."""
+class TelemetryConfig(TelemetrySettings):
+    """``callbacks.telemetry``: when and on what the artifact-telemetry callback measures, on top of how it
+    measures (``TelemetrySettings``, shared with train/analyze.py); conf/callbacks/default.yaml says each key."""
 
     enabled: bool = True
     every_n_steps: int = 500
@@ -250,19 +182,10 @@ class TelemetryConfig:
     resolutions: list[int] = field(default_factory=list)  # empty: the global crop size only
     models: list[str] = field(default_factory=lambda: ["teacher"])
     probe_source: str | None = None  # folder or shards; null: the synthetic val split or the training shards
-    attention: bool = True
-    stream: str = "prenorm"
-    detector: str = "valley"
-    fixed_cutoff: float = 150.0
-    robust_z: float = 6.0
-    emergence_fraction: float = 0.005
-    identical_cosine: float = 0.99
     media_every_n_measurements: int = 1
     media_style: str = "figures"  # figures (labelled, ~1 s per measurement) | tiles (numpy, ms; high cadences)
     alerts: bool = True  # W&B alert + log warning when artifacts first emerge / the outlier fraction crosses
     alert_outlier_fraction: float | None = 0.01  # last-layer patch outlier fraction that alerts; null: never
-    num_maps: int = 4
-    chunk_size: int = 16
 
 
 @dataclass
@@ -324,7 +247,8 @@ class RuntimeConfig:
 
 @dataclass
 class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # student and teacher have the top-level `registers` (the sweep axis) as their register count
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(num_register_tokens=II("registers")))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -361,75 +285,10 @@ class EvalDataConfig:
 
 
 @dataclass
-class KNNEvalConfig:
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    temperature: float = 0.07
-
-
-@dataclass
-class LinearEvalConfig:
-    mode: str = "augmented"  # augmented: DINOv2's protocol; cached: features extracted once (much cheaper)
-    n_last_blocks: list[int] = field(default_factory=lambda: [1, 4])
-    learning_rates: list[float] = field(
-        default_factory=lambda: [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
-    )
-    epochs: int = 10
-    iterations_per_epoch: int = 1250
-    batch_size: int = 128
-
-
-@dataclass
-class LostEvalConfig:
-    dataset: str | None = None  # VOC root (Annotations/ + JPEGImages/), boxes .json or .csv; null: generated images
-    image_set: str | None = None  # VOC ImageSets/Main/<image_set>.txt, e.g. trainval
-    no_hard: bool = False  # drop VOC images whose objects are all difficult or truncated
-    limit: int | None = None
-    layer: int = -1
-    kind: str = "k"  # k | q | v | out
-    normalize: str = "none"  # none | l2 | center | center_l2
-    gram_bias: float = 0.0
-    k_patches: int = 100
-    max_side: int | None = None  # downscale larger images (LOST: none)
-    sweep: bool = False  # also CorLoc over sweep_layers x sweep_kinds x sweep_biases x sweep_normalize
-    sweep_layers: list[int] = field(default_factory=lambda: [-1, -2, -3, -4])
-    sweep_kinds: list[str] = field(default_factory=lambda: ["k", "q", "v"])
-    sweep_biases: list[float] = field(default_factory=lambda: [0.0])
-    sweep_normalize: list[str] = field(default_factory=lambda: ["none"])
-    num_examples: int = 8  # images drawn with their boxes in lost_examples.png
-    generated_images: int = 32  # with dataset=null: images with one known object each
-
-
-@dataclass
-class OutlierProbeConfig:
-    """The paper's local (position, pixels) and global (single-token) probes of outlier tokens."""
-
-    layer: int = -1
-    detector: str = "valley"  # fixed | robust_z | valley, fitted on the probe set's patch norms
-    fixed_cutoff: float = 150.0
-    robust_z: float = 6.0
-    features: str = "normed"  # normed (final norm, DINOv2's output) | prenorm
-    fit_on: str = "all"  # position/pixel probes fitted on all tokens (evaluated per group) or per group
-    test_fraction: float = 0.25  # held-out images
-    repeats: int = 5  # random token draws of the global probe
-    classifier: str = "logistic"  # logistic | ridge (global probe)
-    min_outliers: int = 10
-
-
-@dataclass
-class OcclusionConfig:
-    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    faithfulness_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
-    repeats: int = 1
-
-
-ANALYZE_TASKS = ("telemetry", "knn", "linear", "lost", "local", "global", "occlusion")
-
-
-@dataclass
 class AnalyzeConfig:
     """``train/analyze.py``: statistics and evaluations of any checkpoint (see conf/analyze.yaml)."""
 
-    task: str = "telemetry"
+    task: str = "telemetry"  # one of vitreg.eval.tasks.TASKS
     checkpoint: str = MISSING
     images: str | None = None
     num_images: int = 64
@@ -440,13 +299,13 @@ class AnalyzeConfig:
     seed: int = 0
     autocast: str | None = None  # null: bf16 on CUDA, none on CPU; or float32 | bfloat16 | float16
     progress: str = "auto"  # auto: a bar on a terminal, lines otherwise | bar | lines | off
-    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    knn: KNNEvalConfig = field(default_factory=KNNEvalConfig)
-    linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
-    lost: LostEvalConfig = field(default_factory=LostEvalConfig)
-    outliers: OutlierProbeConfig = field(default_factory=OutlierProbeConfig)
-    occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
+    knn: KNNSettings = field(default_factory=KNNSettings)
+    linear: LinearProtocol = field(default_factory=LinearProtocol)
+    lost: LostSettings = field(default_factory=LostSettings)
+    outliers: OutlierProbeSettings = field(default_factory=OutlierProbeSettings)
+    occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
 
 
 def register_configs() -> None:
@@ -457,23 +316,30 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
 
 
+def to_dataclass(cls: type[T], node: Any) -> T:
+    """A config group as its typed dataclass: a composed node (interpolations resolved) or a plain mapping,
+    e.g. a checkpoint's ``hyper_parameters["cfg"]`` (keys it lacks take the defaults; unknown keys fail)."""
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+
+
 # ---------------------------------------------------------------------------------------------
 CHOICES = {
-    "ssl.centering": ("centering", "sinkhorn_knopp"),
-    "ssl.on_nonfinite": ("raise", "skip"),
-    "optim.scaling_rule": ("sqrt_wrt_1024", "none"),
-    "logger.kind": (None, "csv", "tensorboard", "wandb", "none"),
+    "ssl.centering": CENTERINGS,
+    "ssl.on_nonfinite": ON_NONFINITE,
+    "optim.scaling_rule": SCALING_RULES,
+    "logger.kind": (None, *LOGGERS, "none"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
-    "model.attn_backend": ("auto", "sdpa", "xformers", "math"),
+    "model.attn_backend": ATTN_BACKENDS,
     "data.name": ("synthetic", "webdataset"),
     "data.webdataset.missing_shards": (None, "error", "warn"),
     "resume": ("auto", "never"),
     "trainer.progress": ("auto", "bar", "lines"),
     "augment.crops_dtype": ("auto", "uint8", "float32"),
     "trainer.ddp.comm_hook": ("none", "bf16"),
-    "callbacks.telemetry.stream": ("prenorm", "postnorm"),
-    "callbacks.telemetry.detector": ("fixed", "robust_z", "valley"),
-    "callbacks.telemetry.media_style": ("figures", "tiles"),
+    "callbacks.telemetry.stream": STREAMS,
+    "callbacks.telemetry.detector": DETECTORS,
+    "callbacks.telemetry.media_style": MEDIA_STYLES,
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
 
@@ -534,7 +400,7 @@ def validate_config(cfg: DictConfig | PretrainConfig) -> None:
         _fail("registers", f"must be >= 0 (0 = no registers), got {c.model.num_register_tokens}")
     if c.model.arch not in VIT_SIZES:
         _fail("model.arch", f"unknown size {c.model.arch!r}; choose one of {list(VIT_SIZES)} (e.g. model=vitl)")
-    if c.model.ffn_layer not in (None, "mlp", "swiglu"):
+    if c.model.ffn_layer is not None and c.model.ffn_layer not in FFN_KINDS:
         _fail("model.ffn_layer", f"must be mlp, swiglu or null, got {c.model.ffn_layer!r}")
     p = c.model.patch_size
     for key in ("global_crops_size", "local_crops_size"):
@@ -835,7 +701,7 @@ def _validate_telemetry(c: DictConfig) -> None:
     for key in ("every_n_steps", "num_images", "media_every_n_measurements", "chunk_size"):
         if t[key] < 1:
             _fail(f"callbacks.telemetry.{key}", f"must be >= 1, got {t[key]}")
-    unknown = [m for m in t.models if m not in ("teacher", "student")]
+    unknown = [m for m in t.models if m not in MODELS]
     if unknown or not t.models:
         _fail("callbacks.telemetry.models", f"use a non-empty subset of [teacher, student], got {list(t.models)}")
     p = c.model.patch_size
@@ -887,6 +753,7 @@ __all__ = [
     "ConfigError",
     "PretrainConfig",
     "register_configs",
+    "to_dataclass",
     "validate_analyze_config",
     "validate_config",
     "validate_run_name",
@@ -895,9 +762,9 @@ __all__ = [
 
 def validate_analyze_config(c: DictConfig) -> None:
     """Reject analysis configs that cannot work, naming the key and the fix."""
-    if c.task not in ANALYZE_TASKS:
-        _fail("task", f"must be one of {', '.join(ANALYZE_TASKS)}, got {c.task!r}")
-    if c.model not in ("teacher", "student"):
+    if c.task not in TASKS:
+        _fail("task", f"must be one of {', '.join(TASKS)}, got {c.task!r}")
+    if c.model not in MODELS:
         _fail("model", f"must be teacher or student, got {c.model!r}")
     if c.num_images < 1:
         _fail("num_images", f"must be >= 1, got {c.num_images}")
@@ -908,13 +775,13 @@ def validate_analyze_config(c: DictConfig) -> None:
     if c.images is not None and not os.path.exists(c.images) and "{" not in str(c.images):
         _fail("images", f"no folder, image or shard at {c.images}")
     t = c.telemetry
-    if t.stream not in ("prenorm", "postnorm"):
+    if t.stream not in STREAMS:
         _fail("telemetry.stream", f"must be prenorm or postnorm, got {t.stream!r}")
-    if t.detector not in ("fixed", "robust_z", "valley"):
+    if t.detector not in DETECTORS:
         _fail("telemetry.detector", f"must be fixed, robust_z or valley, got {t.detector!r}")
-    if c.autocast not in (None, "float32", "bfloat16", "float16"):
+    if c.autocast is not None and c.autocast not in AUTOCAST_DTYPES:
         _fail("autocast", f"must be null, float32, bfloat16 or float16, got {c.autocast!r}")
-    if c.progress not in ("auto", "bar", "lines", "off"):
+    if c.progress not in PROGRESS_MODES:
         _fail("progress", f"must be auto, bar, lines or off, got {c.progress!r}")
     _validate_eval_sections(c)
 
@@ -951,7 +818,7 @@ def _validate_eval_sections(c: DictConfig) -> None:
     if c.knn.temperature <= 0:
         _fail("knn.temperature", f"must be > 0, got {c.knn.temperature}")
     lin = c.linear
-    if lin.mode not in ("augmented", "cached"):
+    if lin.mode not in LINEAR_MODES:
         _fail("linear.mode", f"must be augmented (DINOv2's protocol) or cached, got {lin.mode!r}")
     if not lin.n_last_blocks or any(n < 1 for n in lin.n_last_blocks):
         _fail("linear.n_last_blocks", f"must be a non-empty list of positive integers, got {list(lin.n_last_blocks)}")
@@ -961,7 +828,7 @@ def _validate_eval_sections(c: DictConfig) -> None:
         if lin[key] < 1:
             _fail(f"linear.{key}", f"must be >= 1, got {lin[key]}")
     lost = c.lost
-    kinds, norms = ("k", "q", "v", "out"), ("none", "l2", "center", "center_l2")
+    kinds, norms = FEATURE_KINDS, NORMALIZATIONS
     if lost.kind not in kinds or any(k not in kinds for k in lost.sweep_kinds):
         _fail("lost.kind", f"feature kinds must be among {kinds}, got {lost.kind!r} / {list(lost.sweep_kinds)}")
     if lost.normalize not in norms or any(n not in norms for n in lost.sweep_normalize):
@@ -974,13 +841,13 @@ def _validate_eval_sections(c: DictConfig) -> None:
         if not os.path.exists(lost.dataset):
             _fail("lost.dataset", f"no VOC folder, .json or .csv at {lost.dataset}; or null for generated images")
     o = c.outliers
-    if o.detector not in ("fixed", "robust_z", "valley"):
+    if o.detector not in DETECTORS:
         _fail("outliers.detector", f"must be fixed, robust_z or valley, got {o.detector!r}")
-    if o.features not in ("normed", "prenorm"):
+    if o.features not in FEATURES:
         _fail("outliers.features", f"must be normed or prenorm, got {o.features!r}")
-    if o.fit_on not in ("all", "group"):
+    if o.fit_on not in FIT_ON:
         _fail("outliers.fit_on", f"must be all or group, got {o.fit_on!r}")
-    if o.classifier not in ("logistic", "ridge"):
+    if o.classifier not in CLASSIFIERS:
         _fail("outliers.classifier", f"must be logistic or ridge, got {o.classifier!r}")
     if not 0 < o.test_fraction < 1:
         _fail("outliers.test_fraction", f"must be in (0, 1), got {o.test_fraction}")

@@ -9,6 +9,7 @@ two processes give the numbers of one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,12 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.eval.test_lost import checkerboard_image, keyed_vit
 from tests.telemetry.planted import planted_vit
-from vitreg.config import ConfigError, register_configs, validate_analyze_config
+from vitreg.config import AnalyzeConfig, ConfigError, register_configs, to_dataclass, validate_analyze_config
 from vitreg.eval.summary import summary_lines
 from vitreg.eval.tasks import run_task
 from vitreg.models.checkpoint import save_dinov2_checkpoint
@@ -33,12 +33,12 @@ REPO = Path(__file__).resolve().parents[2]
 PLANTED = [5, 18, 27, 44]  # of planted_vit's 8 x 8 grid
 
 
-def analyze_cfg(overrides: list[str]) -> dict:
+def analyze_cfg(overrides: list[str]) -> AnalyzeConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="analyze", overrides=overrides)
     validate_analyze_config(cfg)
-    return OmegaConf.to_container(cfg, resolve=True)
+    return to_dataclass(AnalyzeConfig, cfg)
 
 
 TINY_DATA = [
@@ -60,12 +60,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def run(cfg: dict, out: Path) -> dict:
+def run(cfg: AnalyzeConfig, out: Path) -> dict:
     path, payload = run_task(cfg, out, torch.device("cpu"))
-    assert path == out / f"{cfg['task']}.json"
+    assert path == out / f"{cfg.task}.json"
     on_disk = json.loads(path.read_text())
-    assert on_disk["task"] == cfg["task"] and on_disk["num_register_tokens"] == payload["num_register_tokens"]
-    assert summary_lines(cfg["task"], on_disk["result"])  # the console summary reads the JSON's shape
+    assert on_disk["task"] == cfg.task and on_disk["num_register_tokens"] == payload["num_register_tokens"]
+    assert summary_lines(cfg.task, on_disk["result"])  # the console summary reads the JSON's shape
     return on_disk
 
 
@@ -81,8 +81,8 @@ def test_linear_task_saves_the_best_classifier(tiny_checkpoint, tmp_path):
     cfg = analyze_cfg(
         ["task=linear", f"checkpoint={tiny_checkpoint}", "linear.mode=cached", "linear.epochs=2", *TINY_DATA]
     )
-    cfg["linear"]["learning_rates"] = [0.01, 0.1]
-    cfg["linear"]["batch_size"] = 8
+    cfg.linear.learning_rates = [0.01, 0.1]
+    cfg.linear.batch_size = 8
     result = run(cfg, tmp_path)["result"]
     assert len(result["classifiers"]) == 2 * 2 * 2  # n_last_blocks x avgpool x lrs
     best = torch.load(tmp_path / "linear_best.pt", weights_only=True)
@@ -115,7 +115,7 @@ def test_lost_task_finds_the_constructed_objects(tmp_path):
 
 def test_lost_task_defaults_to_generated_images(tiny_checkpoint, tmp_path):
     cfg = analyze_cfg(["task=lost", f"checkpoint={tiny_checkpoint}", "lost.generated_images=3", "lost.sweep=true"])
-    cfg["lost"].update(sweep_layers=[-1, 0], sweep_kinds=["k", "out"], num_examples=0)
+    cfg.lost = dataclasses.replace(cfg.lost, sweep_layers=[-1, 0], sweep_kinds=["k", "out"], num_examples=0)
     result = run(cfg, tmp_path)["result"]
     assert result["num_images"] == 3 and len(result["sweep"]["settings"]) == 4
     assert (tmp_path / "lost_generated" / "boxes.json").exists()
@@ -163,7 +163,7 @@ def test_global_task_probes_cls_each_register_and_outliers(planted_checkpoint, t
 
 def test_occlusion_task_is_exactly_one_without_occlusion(tiny_checkpoint, tmp_path):
     cfg = analyze_cfg(["task=occlusion", f"checkpoint={tiny_checkpoint}", "num_images=4", "data.resolution=28"])
-    cfg["occlusion"].update(fractions=[0.0, 0.5], faithfulness_fractions=[0.25])
+    cfg.occlusion = dataclasses.replace(cfg.occlusion, fractions=[0.0, 0.5], faithfulness_fractions=[0.25])
     result = run(cfg, tmp_path)["result"]
     clean = result["random"]["by_fraction"]["0"]
     assert clean["final_cls"] == pytest.approx(1.0, abs=1e-6) and all(v == pytest.approx(1.0) for v in clean["cls"])

@@ -15,9 +15,11 @@ import torch._dynamo as dynamo
 
 from tests.conftest import TINY, compose_config
 from tests.lit.test_module import fit as module_fit
+from vitreg.config import to_dataclass
 from vitreg.lit.compile import COMPILE_BACKEND_ENV, compile_blocks, compile_objective, compile_wanted, is_compiled
-from vitreg.lit.module import DINOv2Module, backbone_config, build_objective
+from vitreg.lit.module import DINOv2Module, build_objective
 from vitreg.models import build_vit
+from vitreg.models.config import ModelConfig
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +52,7 @@ def test_default_config_packed_multicrop_forward_has_no_graph_breaks():
     cfg = compose_config(["registers=4", "model.arch=vitt"])
     student = build_objective(cfg).student.backbone.train()
     size, local = cfg.augment.global_crops_size, cfg.augment.local_crops_size
-    assert backbone_config(cfg.model, size).attn_backend == "auto" and len(student.blocks) == 12
+    assert to_dataclass(ModelConfig, cfg.model).vit_config(size).attn_backend == "auto" and len(student.blocks) == 12
     global_crops, local_crops = torch.randn(4, 3, size, size), torch.randn(16, 3, local, local)
     masks = torch.rand(4, (size // 14) ** 2) < 0.3
     explained = dynamo.explain(student.forward_features)([global_crops, local_crops], masks=[masks, None])

@@ -166,16 +166,18 @@ def test_nonfinite_loss_can_skip_steps_without_touching_weights():
 
 
 def test_backbone_follows_the_recipe():
-    from vitreg.lit.module import backbone_config
+    from vitreg.config import to_dataclass
+    from vitreg.models.config import ModelConfig
 
     cfg = compose_config(["experiment=dinov2_vitl14_reg4"])
-    vit = backbone_config(cfg.model, cfg.augment.global_crops_size)
+    vit = to_dataclass(ModelConfig, cfg.model).vit_config(cfg.augment.global_crops_size)
     assert (vit.embed_dim, vit.depth, vit.num_heads, vit.patch_size, vit.img_size) == (1024, 24, 16, 14, 224)
     assert (vit.ffn_layer, vit.hidden_dim, vit.num_register_tokens) == ("swiglu", 2736, 4)
     assert (vit.drop_path_rate, vit.drop_path_uniform, vit.layerscale_init) == (0.4, True, 1e-5)
     assert (vit.antialias, vit.offset) == (True, 0.0)
     vitg = compose_config(["model=vitg"])
-    assert backbone_config(vitg.model, 224).ffn_layer == "swiglu"  # ffn_layer: null keeps the size's own
+    # ffn_layer: null keeps the size's own
+    assert to_dataclass(ModelConfig, vitg.model).vit_config(224).ffn_layer == "swiglu"
 
 
 def test_data_health_logs_skips_and_stops_past_the_bound():

@@ -8,9 +8,9 @@ import pytest
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_config
+from vitreg.config import TelemetryConfig, to_dataclass
 from vitreg.data.probe import load_probe
 from vitreg.lit.pretrain import pretrain
-from vitreg.lit.telemetry import telemetry_settings
 from vitreg.models.load import load_backbone
 from vitreg.telemetry.measure import measure
 from vitreg.telemetry.store import read_maps, read_records
@@ -43,7 +43,7 @@ def test_records_at_the_cadence_match_the_checkpoint_and_resume_continues(tmp_pa
     assert probe.shape == (8, 3, 28, 28)
     loaded = load_backbone(run / "checkpoints" / "last.ckpt")
     assert loaded.step == 4
-    again, _ = measure(loaded.model, probe, 28, telemetry_settings(cfg.callbacks.telemetry))
+    again, _ = measure(loaded.model, probe, 28, to_dataclass(TelemetryConfig, cfg.callbacks.telemetry))
     last = [r for r in records if r["model"] == "teacher"][-1]
     for q, values in last["norms"]["prenorm"]["patch"].items():
         assert again["norms"]["prenorm"]["patch"][q] == pytest.approx(values, rel=1e-5)

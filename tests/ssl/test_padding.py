@@ -75,8 +75,8 @@ def test_padded_objective_equals_unpadded(extra, empty_masks):
     torch.manual_seed(0)
     unpadded = build_objective(compose_config([*TINY, *extra, "ssl.ibot.pad_masked_tokens=false"]))
     pad = copy.deepcopy(unpadded)
-    pad.cfg.pad_masked_tokens = True
-    assert not unpadded.cfg.pad_masked_tokens
+    pad.cfg.ibot.pad_masked_tokens = True
+    assert not unpadded.cfg.ibot.pad_masked_tokens
     batch = make_batch(cfg, n=8)
     assert batch["upperbound"] > len(batch["mask_indices"])
     if empty_masks:  # possible on small grids: every drawn mask empty, yet an upperbound to pad to

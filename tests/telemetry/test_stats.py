@@ -35,7 +35,7 @@ def test_fixed_cutoff_is_a_plain_threshold(planted_record):
     last_max = record["norms"]["prenorm"]["patch"]["max"][-1]
     assert record["outliers"]["fixed"]["threshold"][-1] == 150.0
     assert record["outliers"]["fixed"]["patch_fraction"][-1] == (0.0 if last_max <= 150 else pytest.approx(1 / 16))
-    cut = TelemetrySettings(detectors=type(TelemetrySettings().detectors)(fixed_cutoff=40.0))
+    cut = TelemetrySettings(fixed_cutoff=40.0)
     rec, _ = measure(planted_vit(4, patches=PLANTED, block=5), probe_images(8), IMG, cut)
     assert rec["outliers"]["fixed"]["patch_fraction"][-1] == pytest.approx(len(PLANTED) / GRID**2)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,14 @@ from vitreg.eval.features import extract_features as _extract_probe_features
 from vitreg.utils.distributed import all_gather_cat, all_reduce_many_, is_distributed
 
 DEFAULT_KS = (10, 20, 100, 200)
+
+
+@dataclass
+class KNNSettings:
+    """The ``knn`` section of conf/analyze.yaml: DINOv2's weighted kNN (cosine, softmax(sim / T) votes)."""
+
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    temperature: float = 0.07
 
 
 def _checked_ks(ks: Sequence[int] | int) -> list[int]:

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitreg.eval.data import eval_loader, eval_transform, train_transform
+from vitreg.data.transforms import eval_transform, train_transform
+from vitreg.eval.data import eval_loader
 from vitreg.eval.features import Features, backbone_features, extract_features, linear_input
 from vitreg.eval.progress import track
 from vitreg.utils.distributed import all_reduce_many_, average_gradients_, rank_and_world
@@ -63,18 +64,17 @@ MOMENTUM = 0.9
 
 
 @dataclass
-class LinearSettings:
-    """The probe's protocol (defaults = DINOv2's). ``batch_size`` is per rank; ``iterations_per_epoch`` is
-    used by ``augmented`` only (``cached`` makes an epoch one pass over the cached train features)."""
+class LinearProtocol:
+    """The probe's protocol (defaults = DINOv2's), the ``linear`` section of conf/analyze.yaml. ``batch_size``
+    is per rank; ``iterations_per_epoch`` is used by ``augmented`` only (``cached`` makes an epoch one pass
+    over the cached train features)."""
 
     n_last_blocks: tuple[int, ...] = DINOV2_N_LAST_BLOCKS
     learning_rates: tuple[float, ...] = DINOV2_LEARNING_RATES
     epochs: int = 10
     iterations_per_epoch: int = 1250
     batch_size: int = 128
-    mode: str = "augmented"
-    seed: int = 0
-    resolution: int = 224
+    mode: str = "augmented"  # one of MODES
 
     def __post_init__(self) -> None:
         self.n_last_blocks = tuple(int(n) for n in self.n_last_blocks)
@@ -91,9 +91,22 @@ class LinearSettings:
             raise ValueError(f"learning_rates={self.learning_rates} must be a non-empty list of positive numbers")
         if len(set(self.learning_rates)) != len(self.learning_rates):
             raise ValueError(f"learning_rates={self.learning_rates} contains duplicates; list each lr once")
-        for name in ("epochs", "iterations_per_epoch", "batch_size", "resolution"):
+        for name in ("epochs", "iterations_per_epoch", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"linear probe {name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class LinearSettings(LinearProtocol):
+    """The protocol plus what a run fixes besides it: the run's seed and the resolution of its images."""
+
+    seed: int = 0
+    resolution: int = 224
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.resolution) < 1:
+            raise ValueError(f"linear probe resolution={self.resolution} must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -469,13 +482,6 @@ class AugmentedBatches:
         return cls, patch_mean, labels
 
 
-def _backbone_depth(backbone: nn.Module) -> int | None:
-    depth = getattr(backbone, "n_blocks", None)
-    if depth is None and hasattr(backbone, "blocks"):
-        depth = len(backbone.blocks)
-    return depth
-
-
 def _check_labels(labels: Tensor, num_classes: int, what: str) -> None:
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
@@ -508,7 +514,7 @@ def run_linear_probe(
     ``augmented`` mode: drawn, all of them once a pass completes).
     """
     settings = settings or LinearSettings()
-    depth = _backbone_depth(backbone)
+    depth = getattr(backbone, "n_blocks", None)  # DINOv2's interface; a foreign backbone is checked when run
     if depth is not None:
         _check_blocks(depth, settings, "the backbone")
     n_blocks = max(settings.n_last_blocks)

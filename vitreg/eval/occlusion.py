@@ -270,7 +270,7 @@ def feature_correlation(
     return {
         "probe": "feature_correlation",
         "fractions": [float(f) for f in fractions],
-        "layers": list(range(1, len(model.blocks) + 1)),
+        "layers": list(range(1, model.n_blocks + 1)),
         "num_images": images.shape[0],
         "repeats": repeats,
         "seed": seed,

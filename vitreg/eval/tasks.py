@@ -1,26 +1,37 @@
-"""The evaluation tasks of ``train/analyze.py``: load a checkpoint, run one evaluation, write its JSON
-(and plots) into the checkpoint's report folder — the same folder the telemetry report uses.
+"""The analysis tasks of ``train/analyze.py`` and the one table that picks them (``TASKS``).
 
-Each ``run_<task>`` takes plain settings (no Hydra here), returns the result dict and, on the main
-process, writes ``<out>/<task>.json`` = ``{"task", "checkpoint", "model", "result", "seconds", ...}``.
+``telemetry`` is the artifact report of ``vitreg.telemetry.analyze``; every other task is an evaluation
+(``EVALUATIONS``): ``run_task`` loads the checkpoint, runs it and writes its JSON (and plots) into the
+checkpoint's report folder, the same folder the telemetry report uses. Each ``run_<task>`` takes its typed
+settings (the dataclasses of ``vitreg.eval``), returns the result dict and, on the main process, writes
+``<out>/<task>.json`` = ``{"task", "checkpoint", "model", "result", "seconds", ...}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vitreg.telemetry.analyze import LoadedBackbone
-from vitreg.telemetry.store import json_ready
+from vitreg.models.load import LoadedBackbone
 from vitreg.utils.distributed import rank_and_world
-from vitreg.utils.io import atomic_write_bytes
+from vitreg.utils.io import atomic_write_bytes, json_ready
+
+if TYPE_CHECKING:  # the run-level configs; vitreg.config imports this module's table
+    from vitreg.config import AnalyzeConfig, EvalDataConfig
+    from vitreg.eval.knn import KNNSettings
+    from vitreg.eval.linear import LinearProtocol
+    from vitreg.eval.lost import LostSettings
+    from vitreg.eval.occlusion import OcclusionSettings
+    from vitreg.eval.token_probes import OutlierProbeSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +62,7 @@ def describe(loaded: LoadedBackbone, checkpoint: str | os.PathLike) -> dict[str,
         "source": loaded.source,
         "step": loaded.step,
         "embed_dim": model.embed_dim,
-        "depth": len(model.blocks),
+        "depth": model.n_blocks,
         "patch_size": model.patch_size,
         "num_register_tokens": model.num_register_tokens,
     }
@@ -85,52 +96,48 @@ def timed(task: str, fn: Callable[[], dict]) -> tuple[dict, float]:
 
 
 # ---------------------------------------------------------------- labelled-image tasks
-def synthetic_options(data: Mapping[str, Any]) -> dict[str, int]:
+def synthetic_options(data: EvalDataConfig) -> dict[str, int]:
     return {
-        "num_images": int(data["synthetic_images"]),
-        "image_size": int(data["synthetic_image_size"]),
-        "num_classes": int(data["synthetic_classes"]),
+        "num_images": data.synthetic_images,
+        "image_size": data.synthetic_image_size,
+        "num_classes": data.synthetic_classes,
     }
 
 
-def _synthetic_for(source: str, data: Mapping[str, Any]) -> dict[str, int] | None:
+def _synthetic_for(source: str, data: EvalDataConfig) -> dict[str, int] | None:
     return synthetic_options(data) if source == "synthetic" else None
 
 
 def run_knn(
     loaded: LoadedBackbone,
-    data: Mapping[str, Any],
-    knn: Mapping[str, Any],
+    data: EvalDataConfig,
+    knn: KNNSettings,
     *,
     device: torch.device,
     autocast: torch.dtype | None,
     seed: int = 0,
 ) -> dict:
     """DINOv2's kNN (``vitreg.eval.knn``) on the final-norm CLS of ``data.train`` (bank) and ``data.val``."""
-    from vitreg.eval.data import eval_loader, eval_transform
+    from vitreg.data.transforms import eval_transform
+    from vitreg.eval.data import eval_loader
     from vitreg.eval.knn import evaluate_knn
 
-    resolution = eval_resolution(data.get("resolution"), loaded)
+    resolution = eval_resolution(data.resolution, loaded)
     loaders = [
         eval_loader(
-            data[split],
+            getattr(data, split),
             eval_transform(resolution),
-            batch_size=int(data["batch_size"]),
-            num_workers=int(data["num_workers"]),
-            limit=data[f"limit_{split}"],
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            limit=getattr(data, f"limit_{split}"),
             split=split,
-            synthetic=_synthetic_for(data[split], data),
+            synthetic=_synthetic_for(getattr(data, split), data),
             seed=seed,
         )
         for split in ("train", "val")
     ]
     result = evaluate_knn(
-        loaded.model,
-        *loaders,
-        ks=list(knn["ks"]),
-        temperature=float(knn["temperature"]),
-        device=device,
-        autocast_dtype=autocast,
+        loaded.model, *loaders, ks=knn.ks, temperature=knn.temperature, device=device, autocast_dtype=autocast
     )
     result["resolution"] = resolution
     return result
@@ -138,8 +145,8 @@ def run_knn(
 
 def run_linear(
     loaded: LoadedBackbone,
-    data: Mapping[str, Any],
-    linear: Mapping[str, Any],
+    data: EvalDataConfig,
+    linear: LinearProtocol,
     out_dir: str | os.PathLike,
     *,
     device: torch.device,
@@ -149,28 +156,19 @@ def run_linear(
     """DINOv2's linear protocol (``vitreg.eval.linear``); the best classifier goes to ``linear_best.pt``."""
     from vitreg.eval.linear import LinearSettings, evaluate_linear
 
-    resolution = eval_resolution(data.get("resolution"), loaded)
-    settings = LinearSettings(
-        n_last_blocks=tuple(int(n) for n in linear["n_last_blocks"]),
-        learning_rates=tuple(float(lr) for lr in linear["learning_rates"]),
-        epochs=int(linear["epochs"]),
-        iterations_per_epoch=int(linear["iterations_per_epoch"]),
-        batch_size=int(linear["batch_size"]),
-        mode=str(linear["mode"]),
-        seed=seed,
-        resolution=resolution,
-    )
-    synthetic = synthetic_options(data) if "synthetic" in (data["train"], data["val"]) else None
+    resolution = eval_resolution(data.resolution, loaded)
+    settings = LinearSettings(**vars(linear), seed=seed, resolution=resolution)
+    synthetic = synthetic_options(data) if "synthetic" in (data.train, data.val) else None
     return evaluate_linear(
         loaded.model,
-        data["train"],
-        data["val"],
+        data.train,
+        data.val,
         settings,
         best_checkpoint_path=Path(out_dir) / "linear_best.pt",
         synthetic=synthetic,
-        train_limit=data["limit_train"],
-        val_limit=data["limit_val"],
-        num_workers=int(data["num_workers"]),
+        train_limit=data.limit_train,
+        val_limit=data.limit_val,
+        num_workers=data.num_workers,
         device=device,
         autocast_dtype=autocast,
     )
@@ -178,7 +176,7 @@ def run_linear(
 
 # ---------------------------------------------------------------- object discovery
 def run_lost(
-    loaded: LoadedBackbone, lost: Mapping[str, Any], out_dir: str | os.PathLike, *, device: torch.device, seed: int = 0
+    loaded: LoadedBackbone, lost: LostSettings, out_dir: str | os.PathLike, *, device: torch.device, seed: int = 0
 ) -> dict:
     """LOST + CorLoc (``vitreg.eval.lost``) on ``lost.dataset`` or generated images, plus an example PNG."""
     from vitreg.eval.boxes import load_box_dataset
@@ -186,38 +184,33 @@ def run_lost(
     from vitreg.eval.lost import evaluate_lost, plot_lost_examples, sweep_lost
 
     out = Path(out_dir)
-    if lost["dataset"] is None:
-        source = write_object_images(out / "lost_generated", int(lost["generated_images"]), size=224, seed=seed)
-        log.info("lost.dataset=null: %d generated images with one object each (%s)", lost["generated_images"], source)
+    if lost.dataset is None:
+        source = write_object_images(out / "lost_generated", lost.generated_images, size=224, seed=seed)
+        log.info("lost.dataset=null: %d generated images with one object each (%s)", lost.generated_images, source)
     else:
-        source = Path(lost["dataset"])
-    dataset = load_box_dataset(source, image_set=lost["image_set"], no_hard=bool(lost["no_hard"]), limit=lost["limit"])
+        source = Path(lost.dataset)
+    dataset = load_box_dataset(source, image_set=lost.image_set, no_hard=lost.no_hard, limit=lost.limit)
     if not dataset:
         raise ValueError(f"lost.dataset={source}: no image with a ground-truth box (check lost.image_set / no_hard)")
     model = loaded.model
-    common = {"k_patches": int(lost["k_patches"]), "max_side": lost["max_side"], "device": device}
-    setting = {
-        "layer": int(lost["layer"]),
-        "kind": str(lost["kind"]),
-        "normalize": str(lost["normalize"]),
-        "gram_bias": float(lost["gram_bias"]),
-    }
+    common = {"k_patches": lost.k_patches, "max_side": lost.max_side, "device": device}
+    setting = {"layer": lost.layer, "kind": lost.kind, "normalize": lost.normalize, "gram_bias": lost.gram_bias}
     result = evaluate_lost(model, dataset, **setting, **common, progress=True)  # as set_progress says
     result["dataset"] = str(source)
-    if lost["sweep"]:
+    if lost.sweep:
         result["sweep"] = sweep_lost(
             model,
             dataset,
-            layers=[int(v) for v in lost["sweep_layers"]],
-            kinds=[str(v) for v in lost["sweep_kinds"]],
-            biases=[float(v) for v in lost["sweep_biases"]],
-            normalizations=[str(v) for v in lost["sweep_normalize"]],
+            layers=lost.sweep_layers,
+            kinds=lost.sweep_kinds,
+            biases=lost.sweep_biases,
+            normalizations=lost.sweep_normalize,
             **common,
             progress=True,
         )
-    if int(lost["num_examples"]) > 0 and rank_and_world()[0] == 0:
+    if lost.num_examples > 0 and rank_and_world()[0] == 0:
         examples = plot_lost_examples(
-            model, dataset, out / "lost_examples.png", num_images=int(lost["num_examples"]), **setting, **common
+            model, dataset, out / "lost_examples.png", num_images=lost.num_examples, **setting, **common
         )
         result["examples"] = str(examples)
     return result
@@ -229,7 +222,7 @@ def probe_images(
 ) -> tuple[torch.Tensor, int]:
     """Normalised (N, 3, R, R) images of the label-free analyses: the first ``num_images`` of a folder,
     shards or an image, or held-out synthetic images — the same inputs as the telemetry report."""
-    from vitreg.telemetry.probe import image_probe, probe_tensor, synthetic_probe
+    from vitreg.data.probe import image_probe, probe_tensor, synthetic_probe
 
     resolution = eval_resolution(resolution, loaded)
     if images is None:
@@ -239,17 +232,13 @@ def probe_images(
     return probe_tensor(raw, resolution), resolution
 
 
-def _detector_kwargs(outliers: Mapping[str, Any]) -> dict[str, Any]:
-    from vitreg.telemetry.detectors import DetectorSettings
-
+def _detector_kwargs(outliers: OutlierProbeSettings) -> dict[str, Any]:
     return {
-        "layer": int(outliers["layer"]),
-        "features": str(outliers["features"]),
-        "detector": str(outliers["detector"]),
-        "cutoff": float(outliers["fixed_cutoff"]),
-        "settings": DetectorSettings(
-            fixed_cutoff=float(outliers["fixed_cutoff"]), robust_z=float(outliers["robust_z"])
-        ),
+        "layer": outliers.layer,
+        "features": outliers.features,
+        "detector": outliers.detector,
+        "cutoff": outliers.fixed_cutoff,
+        "settings": outliers.detectors,
     }
 
 
@@ -257,8 +246,8 @@ def run_local(
     loaded: LoadedBackbone,
     images: str | None,
     num_images: int,
-    data: Mapping[str, Any],
-    outliers: Mapping[str, Any],
+    data: EvalDataConfig,
+    outliers: OutlierProbeSettings,
     out_dir: str | os.PathLike,
     *,
     device: torch.device,
@@ -267,14 +256,14 @@ def run_local(
     """Fig. 5b: linear position and pixel-reconstruction probes for normal vs outlier patch tokens."""
     from vitreg.eval.token_probes import collect_tokens, local_probes, plot_token_probes
 
-    batch, resolution = probe_images(loaded, images, num_images, data.get("resolution"), seed)
+    batch, resolution = probe_images(loaded, images, num_images, data.resolution, seed)
     tokens = collect_tokens(loaded.model, batch.to(device), **_detector_kwargs(outliers))
     result = local_probes(
         tokens,
-        fit_on=str(outliers["fit_on"]),
-        test_fraction=float(outliers["test_fraction"]),
+        fit_on=outliers.fit_on,
+        test_fraction=outliers.test_fraction,
         seed=seed,
-        min_outliers=int(outliers["min_outliers"]),
+        min_outliers=outliers.min_outliers,
     )
     result.update(resolution=resolution, num_images=int(batch.shape[0]), images=images or "synthetic")
     if rank_and_world()[0] == 0:
@@ -284,8 +273,8 @@ def run_local(
 
 def run_global(
     loaded: LoadedBackbone,
-    data: Mapping[str, Any],
-    outliers: Mapping[str, Any],
+    data: EvalDataConfig,
+    outliers: OutlierProbeSettings,
     out_dir: str | os.PathLike,
     *,
     device: torch.device,
@@ -293,18 +282,19 @@ def run_global(
 ) -> dict:
     """Table 1: classify the image label from one token (CLS, a normal patch, an outlier, each register),
     on the labelled ``data.train`` images split by image into train and test."""
-    from vitreg.eval.data import eval_loader, eval_transform
+    from vitreg.data.transforms import eval_transform
+    from vitreg.eval.data import eval_loader
     from vitreg.eval.token_probes import collect_tokens, global_probe, plot_token_probes
 
-    resolution = eval_resolution(data.get("resolution"), loaded)
+    resolution = eval_resolution(data.resolution, loaded)
     loader = eval_loader(
-        data["train"],
+        data.train,
         eval_transform(resolution),
-        batch_size=int(data["batch_size"]),
-        num_workers=int(data["num_workers"]),
-        limit=data["limit_train"],
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        limit=data.limit_train,
         split="train",
-        synthetic=_synthetic_for(data["train"], data),
+        synthetic=_synthetic_for(data.train, data),
         seed=seed,
     )
     labels: list[torch.Tensor] = []
@@ -318,13 +308,13 @@ def run_global(
     result = global_probe(
         tokens,
         torch.cat(labels),
-        classifier=str(outliers["classifier"]),
-        repeats=int(outliers["repeats"]),
-        test_fraction=float(outliers["test_fraction"]),
+        classifier=outliers.classifier,
+        repeats=outliers.repeats,
+        test_fraction=outliers.test_fraction,
         seed=seed,
-        min_outliers=int(outliers["min_outliers"]),
+        min_outliers=outliers.min_outliers,
     )
-    result.update(resolution=resolution, source=data["train"])
+    result.update(resolution=resolution, source=data.train)
     if rank_and_world()[0] == 0:
         result["plot"] = str(plot_token_probes(result, Path(out_dir) / "global_probe.png"))
     return result
@@ -334,8 +324,8 @@ def run_occlusion(
     loaded: LoadedBackbone,
     images: str | None,
     num_images: int,
-    data: Mapping[str, Any],
-    occlusion: Mapping[str, Any],
+    data: EvalDataConfig,
+    occlusion: OcclusionSettings,
     out_dir: str | os.PathLike,
     *,
     device: torch.device,
@@ -344,15 +334,13 @@ def run_occlusion(
     """Naseer et al.: clean-vs-PatchDrop feature correlation per layer, and attention faithfulness."""
     from vitreg.eval.occlusion import attention_faithfulness, feature_correlation, plot_occlusion
 
-    batch, resolution = probe_images(loaded, images, num_images, data.get("resolution"), seed)
+    batch, resolution = probe_images(loaded, images, num_images, data.resolution, seed)
     batch = batch.to(device)
-    repeats = int(occlusion["repeats"])
+    repeats = occlusion.repeats
     result = {
-        "random": feature_correlation(
-            loaded.model, batch, [float(f) for f in occlusion["fractions"]], repeats=repeats, seed=seed
-        ),
+        "random": feature_correlation(loaded.model, batch, occlusion.fractions, repeats=repeats, seed=seed),
         "faithfulness": attention_faithfulness(
-            loaded.model, batch, [float(f) for f in occlusion["faithfulness_fractions"]], repeats=repeats, seed=seed
+            loaded.model, batch, occlusion.faithfulness_fractions, repeats=repeats, seed=seed
         ),
         "resolution": resolution,
         "num_images": int(batch.shape[0]),
@@ -365,53 +353,101 @@ def run_occlusion(
     return result
 
 
-# ---------------------------------------------------------------- one entry for train/analyze.py
-def run_task(cfg: Mapping[str, Any], out_dir: str | os.PathLike, device: torch.device) -> tuple[Path, dict]:
-    """Run ``cfg["task"]`` (an ``AnalyzeConfig`` as a plain dict) on ``cfg["checkpoint"]``; every process
-    takes part (kNN and linear split their images over the processes), the main one writes
-    ``<out_dir>/<task>.json``. Returns (that path, the payload)."""
-    from vitreg.telemetry.analyze import load_backbone
+# ---------------------------------------------------------------- the table of tasks
+@dataclass(frozen=True)
+class TaskContext:
+    """What every evaluation runs with: the config, the loaded backbone, where to write, the device."""
 
-    task, seed = cfg["task"], int(cfg["seed"])
-    loaded = load_backbone(cfg["checkpoint"], cfg["model"])
+    cfg: AnalyzeConfig
+    loaded: LoadedBackbone
+    out: Path
+    device: torch.device
+    autocast: torch.dtype | None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    run: Callable[[TaskContext], dict]
+    reads: tuple[str, ...]  # the config sections it reads, recorded next to its result
+
+
+EVALUATIONS: dict[str, Evaluation] = {
+    "knn": Evaluation(
+        lambda t: run_knn(t.loaded, t.cfg.data, t.cfg.knn, device=t.device, autocast=t.autocast, seed=t.cfg.seed),
+        ("data", "knn", "seed", "autocast"),
+    ),
+    "linear": Evaluation(
+        lambda t: run_linear(
+            t.loaded, t.cfg.data, t.cfg.linear, t.out, device=t.device, autocast=t.autocast, seed=t.cfg.seed
+        ),
+        ("data", "linear", "seed", "autocast"),
+    ),
+    "lost": Evaluation(
+        lambda t: run_lost(t.loaded, t.cfg.lost, t.out, device=t.device, seed=t.cfg.seed), ("lost", "seed")
+    ),
+    "local": Evaluation(
+        lambda t: run_local(
+            t.loaded,
+            t.cfg.images,
+            t.cfg.num_images,
+            t.cfg.data,
+            t.cfg.outliers,
+            t.out,
+            device=t.device,
+            seed=t.cfg.seed,
+        ),
+        ("images", "num_images", "outliers", "seed"),
+    ),
+    "global": Evaluation(
+        lambda t: run_global(t.loaded, t.cfg.data, t.cfg.outliers, t.out, device=t.device, seed=t.cfg.seed),
+        ("data", "outliers", "seed"),
+    ),
+    "occlusion": Evaluation(
+        lambda t: run_occlusion(
+            t.loaded,
+            t.cfg.images,
+            t.cfg.num_images,
+            t.cfg.data,
+            t.cfg.occlusion,
+            t.out,
+            device=t.device,
+            seed=t.cfg.seed,
+        ),
+        ("images", "num_images", "occlusion", "seed"),
+    ),
+}
+# every task train/analyze.py runs: the telemetry report (vitreg.telemetry.analyze, one process) and the evaluations
+TASKS: tuple[str, ...] = ("telemetry", *EVALUATIONS)
+
+
+def _setting(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def run_task(cfg: AnalyzeConfig, out_dir: str | os.PathLike, device: torch.device) -> tuple[Path, dict]:
+    """Run the evaluation ``cfg.task`` on ``cfg.checkpoint``; every process takes part (kNN and linear split
+    their images over the processes), the main one writes ``<out_dir>/<task>.json``. Returns (that path,
+    the payload)."""
+    from vitreg.models.load import load_backbone
+
+    if cfg.task not in EVALUATIONS:
+        raise ValueError(f"task={cfg.task!r} is not an evaluation task; use one of {', '.join(EVALUATIONS)}")
+    evaluation = EVALUATIONS[cfg.task]
+    loaded = load_backbone(cfg.checkpoint, cfg.model)
     loaded.model.to(device).eval().requires_grad_(False)
-    autocast = autocast_dtype(cfg["autocast"], device)
     out = Path(out_dir)
     if rank_and_world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
-    data, images, num_images = cfg["data"], cfg["images"], int(cfg["num_images"])
-    runners: dict[str, Callable[[], dict]] = {
-        "knn": lambda: run_knn(loaded, data, cfg["knn"], device=device, autocast=autocast, seed=seed),
-        "linear": lambda: run_linear(loaded, data, cfg["linear"], out, device=device, autocast=autocast, seed=seed),
-        "lost": lambda: run_lost(loaded, cfg["lost"], out, device=device, seed=seed),
-        "local": lambda: run_local(loaded, images, num_images, data, cfg["outliers"], out, device=device, seed=seed),
-        "global": lambda: run_global(loaded, data, cfg["outliers"], out, device=device, seed=seed),
-        "occlusion": lambda: run_occlusion(
-            loaded, images, num_images, data, cfg["occlusion"], out, device=device, seed=seed
-        ),
-    }
-    if task not in runners:
-        raise ValueError(f"task={task!r} is not an evaluation task; use one of {', '.join(runners)}")
-    result, seconds = timed(task, runners[task])
+    context = TaskContext(cfg, loaded, out, device, autocast_dtype(cfg.autocast, device))
+    result, seconds = timed(cfg.task, lambda: evaluation.run(context))
     payload = {
-        "task": task,
-        **describe(loaded, cfg["checkpoint"]),
-        "model": cfg["model"],
-        "settings": {key: cfg[key] for key in TASK_SETTINGS[task]},
+        "task": cfg.task,
+        **describe(loaded, cfg.checkpoint),
+        "model": cfg.model,
+        "settings": {key: _setting(getattr(cfg, key)) for key in evaluation.reads},
         "world_size": rank_and_world()[1],
         "device": str(device),
         "seconds": round(seconds, 3),
         "result": result,
     }
-    return write_result(out, task, payload), payload
-
-
-# the config sections each task reads, recorded next to its result
-TASK_SETTINGS = {
-    "knn": ("data", "knn", "seed", "autocast"),
-    "linear": ("data", "linear", "seed", "autocast"),
-    "lost": ("lost", "seed"),
-    "local": ("images", "num_images", "outliers", "seed"),
-    "global": ("data", "outliers", "seed"),
-    "occlusion": ("images", "num_images", "occlusion", "seed"),
-}
+    return write_result(out, cfg.task, payload), payload

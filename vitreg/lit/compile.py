@@ -95,7 +95,7 @@ def compile_objective(
 def compile_heads_and_losses(objective: nn.Module, backend: str = DEFAULT_BACKEND) -> int:
     """Compile the student's and teacher's heads and the loss terms in place when their shapes are static
     (no iBOT, or iBOT padded to the upperbound); returns how many were compiled now."""
-    if not isinstance(objective, DINOv2Objective) or (objective.do_ibot and not objective.cfg.pad_masked_tokens):
+    if not isinstance(objective, DINOv2Objective) or (objective.do_ibot and not objective.cfg.ibot.pad_masked_tokens):
         return 0
     heads = [m for tree in (objective.student, objective.teacher) for name, m in tree.items() if name != "backbone"]
     newly = 0

@@ -14,12 +14,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vitreg.config import to_dataclass
 from vitreg.data.transforms import DeviceNormalize
-from vitreg.models import VisionTransformer, ViTConfig, load_backbone_weights
-from vitreg.models.config import vit_config_from_mapping
+from vitreg.models import VisionTransformer, load_backbone_weights
+from vitreg.models.config import ModelConfig
+from vitreg.ssl.config import HeadConfig, OptimConfig, SSLConfig
 from vitreg.ssl.ema import TeacherEMA
 from vitreg.ssl.heads import DINOHead
-from vitreg.ssl.objective import DINOv2Objective, ObjectiveConfig
+from vitreg.ssl.objective import DINOv2Objective
 from vitreg.ssl.param_groups import apply_schedules, param_groups
 from vitreg.ssl.schedules import build_schedules, scaled_lr
 from vitreg.utils.distributed import all_reduce_
@@ -76,38 +78,22 @@ def drop_step_output(closure) -> None:
     result.loss = None
 
 
-def backbone_config(model_cfg: DictConfig, img_size: int) -> ViTConfig:
-    """The student's ``ViTConfig`` from the ``model`` group. The positional table is stored at the
-    global-crop size, as DINOv2 does, so global crops need no interpolation."""
-    return vit_config_from_mapping(model_cfg, img_size)
-
-
 def build_objective(cfg: DictConfig) -> DINOv2Objective:
     """Student backbone + heads from the config; the teacher is a deep copy made by the objective."""
-    backbone = VisionTransformer(backbone_config(cfg.model, cfg.augment.global_crops_size))
-    if cfg.model.pretrained_weights:
-        load_backbone_weights(backbone, cfg.model.pretrained_weights)
-        log.info("student backbone initialised from %s", cfg.model.pretrained_weights)
-    dino, ibot = cfg.ssl.dino, cfg.ssl.ibot
+    model = to_dataclass(ModelConfig, cfg.model)
+    backbone = VisionTransformer(model.vit_config(cfg.augment.global_crops_size))
+    if model.pretrained_weights:
+        load_backbone_weights(backbone, model.pretrained_weights)
+        log.info("student backbone initialised from %s", model.pretrained_weights)
+    ssl = to_dataclass(SSLConfig, cfg.ssl)
 
-    def head(h: DictConfig) -> DINOHead:
+    def head(h: HeadConfig) -> DINOHead:
         return DINOHead(
             backbone.embed_dim, h.head_n_prototypes, h.head_hidden_dim, h.head_bottleneck_dim, h.head_nlayers
         )
 
-    ibot_head = head(ibot) if ibot.loss_weight > 0 and ibot.separate_head else None
-    objective_cfg = ObjectiveConfig(
-        dino_loss_weight=dino.loss_weight,
-        koleo_loss_weight=dino.koleo_loss_weight,
-        ibot_loss_weight=ibot.loss_weight,
-        centering=cfg.ssl.centering,
-        mask_when_ibot_off=ibot.get("mask_when_off", True),
-        pad_masked_tokens=ibot.get("pad_masked_tokens", True),
-        student_temp=cfg.ssl.student_temp,
-        center_momentum=cfg.ssl.center_momentum,
-        sinkhorn_iterations=cfg.ssl.sinkhorn_iterations,
-    )
-    return DINOv2Objective(backbone, head(dino), ibot_head, objective_cfg)
+    ibot_head = head(ssl.ibot) if ssl.ibot.loss_weight > 0 and ssl.ibot.separate_head else None
+    return DINOv2Objective(backbone, head(ssl.dino), ibot_head, ssl)
 
 
 class DINOv2Module(L.LightningModule):
@@ -125,7 +111,8 @@ class DINOv2Module(L.LightningModule):
         self.cfg = cfg
         self.objective = build_objective(cfg)
         self.crop_normalize = DeviceNormalize()  # uint8 crops (augment.crops_dtype) normalised on the device
-        optim = cfg.optim
+        self.optim = optim = to_dataclass(OptimConfig, cfg.optim)
+        teacher = self.objective.cfg.teacher
         self.global_batch = cfg.data.batch_size_per_device * world_size
         self.lr = scaled_lr(optim.base_lr, self.global_batch, optim.scaling_rule)
         self.schedules = build_schedules(
@@ -135,16 +122,16 @@ class DINOv2Module(L.LightningModule):
             warmup_epochs=optim.warmup_epochs,
             weight_decay=optim.weight_decay,
             weight_decay_end=optim.weight_decay_end,
-            momentum_teacher=cfg.ssl.teacher.momentum_teacher,
-            final_momentum_teacher=cfg.ssl.teacher.final_momentum_teacher,
-            warmup_teacher_temp=cfg.ssl.teacher.warmup_teacher_temp,
-            teacher_temp=cfg.ssl.teacher.teacher_temp,
-            warmup_teacher_temp_epochs=cfg.ssl.teacher.warmup_teacher_temp_epochs,
+            momentum_teacher=teacher.momentum_teacher,
+            final_momentum_teacher=teacher.final_momentum_teacher,
+            warmup_teacher_temp=teacher.warmup_teacher_temp,
+            teacher_temp=teacher.teacher_temp,
+            warmup_teacher_temp_epochs=teacher.warmup_teacher_temp_epochs,
             freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
             epoch_length=optim.official_epoch_length,
         )
-        self.on_nonfinite = cfg.ssl.on_nonfinite
-        self.max_skipped_steps = cfg.ssl.get("max_skipped_steps", 10)
+        self.on_nonfinite = self.objective.cfg.on_nonfinite
+        self.max_skipped_steps = self.objective.cfg.max_skipped_steps
         self.skipped_steps = 0  # over the whole run: kept in checkpoints
         self._teacher_ema = TeacherEMA(self.teacher, self.student)
         self._pending: PendingStep | None = None
@@ -178,11 +165,11 @@ class DINOv2Module(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optim = self.cfg.optim
+        optim = self.optim
         groups = param_groups(self.student, optim.layerwise_decay, optim.patch_embed_lr_mult)
         device = next(self.student.parameters()).device  # Lightning moved the module before this hook
         precision = self._trainer.precision if self._trainer is not None else None
-        fused = use_fused_adamw(optim.get("fused"), device, precision, optim.clip_grad)
+        fused = use_fused_adamw(optim.fused, device, precision, optim.clip_grad)
         kwargs = {"fused": True} if fused else {}  # else the default: foreach on CUDA and on the CPU
         return torch.optim.AdamW(groups, lr=self.lr, betas=(optim.adamw_beta1, optim.adamw_beta2), **kwargs)
 
@@ -197,7 +184,7 @@ class DINOv2Module(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # DINOv2 clips each student sub-module on its own (backbone, dino_head, ibot_head), not one global norm.
-        clip = self.cfg.optim.clip_grad
+        clip = self.optim.clip_grad
         if clip and clip > 0:
             for module in self.student.values():
                 torch.nn.utils.clip_grad_norm_(module.parameters(), clip)

@@ -11,26 +11,14 @@ import lightning as L
 from omegaconf import DictConfig
 from torch import Tensor
 
+from vitreg.config import TelemetryConfig, to_dataclass
+from vitreg.data.probe import image_probe, load_probe, save_probe, synthetic_probe
 from vitreg.lit.strategies import is_sharded, unsharded_copy
 from vitreg.telemetry.alerts import due_alerts
-from vitreg.telemetry.detectors import DetectorSettings
 from vitreg.telemetry.measure import measure
-from vitreg.telemetry.probe import image_probe, load_probe, save_probe, synthetic_probe
-from vitreg.telemetry.stats import TelemetrySettings
 from vitreg.telemetry.store import PROBE_IMAGES, TelemetryWriter, read_records, scalar_summary
 
 log = logging.getLogger(__name__)
-
-
-def telemetry_settings(t: DictConfig) -> TelemetrySettings:
-    return TelemetrySettings(
-        detectors=DetectorSettings(fixed_cutoff=t.fixed_cutoff, robust_z=t.robust_z),
-        stream=t.stream,
-        detector=t.detector,
-        emergence_fraction=t.emergence_fraction,
-        identical_cosine=t.identical_cosine,
-        num_maps=t.num_maps,
-    )
 
 
 def build_probe_images(cfg: DictConfig, size: int) -> Tensor:
@@ -58,8 +46,7 @@ class ArtifactTelemetry(L.Callback):
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
-        self.t = cfg.callbacks.telemetry
-        self.settings = telemetry_settings(self.t)
+        self.t = to_dataclass(TelemetryConfig, cfg.callbacks.telemetry)  # also the measuring settings
         self.resolutions = sorted({cfg.augment.global_crops_size, *self.t.resolutions})
         self.root = Path(run_dir) / "telemetry"
         self.writer: TelemetryWriter | None = None
@@ -130,7 +117,7 @@ class ArtifactTelemetry(L.Callback):
                     backbone,
                     probe,
                     res,
-                    self.settings,
+                    self.t,
                     device=module.device,
                     attention=self.t.attention,
                     chunk_size=self.t.chunk_size,
@@ -193,6 +180,7 @@ class ArtifactTelemetry(L.Callback):
         drawn with numpy in milliseconds, for high cadences (the captions say how to read them)."""
         if self.t.media_style == "figures":
             from vitreg.telemetry import plots
+            from vitreg.utils.figures import figure_to_array
 
             figures = {
                 "emergence": plots.emergence_heatmap(history, model=record["model"], resolution=record["resolution"]),
@@ -200,7 +188,7 @@ class ArtifactTelemetry(L.Callback):
                 "position_map": plots.position_map(record),
                 "norm_histograms": plots.norm_histograms(record, stream=record["stream"]),
             }
-            return {name: (plots.figure_to_array(fig), name.replace("_", " ")) for name, fig in figures.items()}
+            return {name: (figure_to_array(fig), name.replace("_", " ")) for name, fig in figures.items()}
         from vitreg.telemetry import render
 
         return {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vitreg.models.attention import ATTN_BACKENDS
@@ -158,11 +157,35 @@ def size_name(cfg: ViTConfig) -> str | None:
     return None
 
 
-def vit_config_from_mapping(model_cfg: Mapping, img_size: int) -> ViTConfig:
-    """A ``ViTConfig`` from a training config's ``model`` group (its keys are ViTConfig's field names
-    plus ``arch``); ``ffn_layer: None`` keeps the size's own FFN."""
-    names = {f.name for f in dataclasses.fields(ViTConfig)}
-    shared = {k: model_cfg[k] for k in names if k in model_cfg}
-    if shared.get("ffn_layer") is None:
-        shared.pop("ffn_layer", None)
-    return vit_config(model_cfg["arch"], img_size=img_size, **shared)
+@dataclass
+class ModelConfig:
+    """A named size plus overrides: the ``model`` group of a training run (conf/model/*.yaml), and its Hydra
+    schema node. A different concept from ``ViTConfig``: it names a size (``arch``) instead of its
+    dimensions, and leaves ``ffn_layer`` and the interpolation to the size and to DINOv2's conventions
+    when null. ``vit_config`` gives the full backbone config."""
+
+    arch: str = "vitl"  # one of VIT_SIZES
+    patch_size: int = ViTConfig.patch_size
+    num_register_tokens: int = ViTConfig.num_register_tokens  # a training run: the top-level `registers`
+    ffn_layer: str | None = None  # one of FFN_KINDS; None: the size's own (swiglu for vitg)
+    drop_path_rate: float = 0.3  # student only; the teacher never drops
+    drop_path_uniform: bool = ViTConfig.drop_path_uniform
+    layerscale_init: float | None = ViTConfig.layerscale_init
+    qkv_bias: bool = ViTConfig.qkv_bias
+    proj_bias: bool = ViTConfig.proj_bias
+    ffn_bias: bool = ViTConfig.ffn_bias
+    interpolate_antialias: bool | None = None  # None: on with registers (DINOv2 reg models), else off
+    interpolate_offset: float | None = None  # None: 0 with registers, else 0.1
+    register_pos_embed: bool = ViTConfig.register_pos_embed  # ablation: learned positions for registers
+    register_init_std: float = ViTConfig.register_init_std  # DINOv2; 0.02 as DINOv3 separates registers sooner
+    attn_backend: str = "auto"  # one of ATTN_BACKENDS
+    pretrained_weights: str | None = None  # an official DINOv2 backbone file, loaded into the student
+
+    def vit_config(self, img_size: int) -> ViTConfig:
+        """The backbone of this size with these overrides, its positional table stored at ``img_size``
+        (a training run: the global-crop size, as DINOv2 does, so global crops need no interpolation)."""
+        names = {f.name for f in dataclasses.fields(ViTConfig)}
+        overrides = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        if overrides.get("ffn_layer") is None:
+            overrides.pop("ffn_layer")
+        return vit_config(self.arch, img_size=img_size, **overrides)

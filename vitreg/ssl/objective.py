@@ -16,29 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from vitreg.models import VisionTransformer
+from vitreg.ssl.config import CENTERINGS, SSLConfig
 from vitreg.ssl.ema import assert_no_shared_storage
 from vitreg.ssl.heads import DINOHead
 from vitreg.ssl.losses import dino_loss, ibot_loss, koleo_loss
 from vitreg.ssl.targets import Centering, sinkhorn_knopp
 from vitreg.utils.distributed import all_reduce_
-
-
-@dataclass
-class ObjectiveConfig:
-    dino_loss_weight: float = 1.0
-    koleo_loss_weight: float = 0.1
-    ibot_loss_weight: float = 1.0
-    centering: str = "centering"  # centering | sinkhorn_knopp
-    # DINOv2 masks the student's global crops even with iBOT off (ibot_loss_weight 0): mask_token keeps
-    # learning and DINO/KoLeo see masked inputs. False: no masks without iBOT (vitreg before this switch).
-    mask_when_ibot_off: bool = True
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    sinkhorn_iterations: int = 3
-    # iBOT's masked tokens padded to the batch's ``upperbound`` (zero weight, out of every target sum), as
-    # DINOv2 pads its head input: a static shape for compile. Equal to the unpadded result up to fp32
-    # summation order. False: exactly the masked count (the shape changes every batch).
-    pad_masked_tokens: bool = True
 
 
 @dataclass
@@ -71,7 +54,7 @@ class LossTerms(nn.Module):
     """The weighted DINO, KoLeo and iBOT terms from head outputs and targets: one module without parameters,
     so ``vitreg.lit.compile`` can compile it from outside (static shapes once iBOT is padded)."""
 
-    def __init__(self, cfg: ObjectiveConfig) -> None:
+    def __init__(self, cfg: SSLConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
@@ -87,15 +70,15 @@ class LossTerms(nn.Module):
     ) -> dict[str, Tensor]:
         cfg = self.cfg
         terms: dict[str, Tensor] = {}
-        if cfg.dino_loss_weight > 0:
+        if cfg.dino.loss_weight > 0:
             local, glob = dino_loss(s_global_logits, s_local_logits, dino_targets, cfg.student_temp)
-            terms["dino_local_crops_loss"] = cfg.dino_loss_weight * local
-            terms["dino_global_crops_loss"] = cfg.dino_loss_weight * glob
-        if cfg.koleo_loss_weight > 0:
+            terms["dino_local_crops_loss"] = cfg.dino.loss_weight * local
+            terms["dino_global_crops_loss"] = cfg.dino.loss_weight * glob
+        if cfg.dino.koleo_loss_weight > 0:
             views = s_global_cls.chunk(2)
-            terms["koleo_loss"] = cfg.koleo_loss_weight * sum(koleo_loss(v) for v in views)
+            terms["koleo_loss"] = cfg.dino.koleo_loss_weight * sum(koleo_loss(v) for v in views)
         if patch_logits is not None:
-            terms["ibot_loss"] = cfg.ibot_loss_weight * ibot_loss(
+            terms["ibot_loss"] = cfg.ibot.loss_weight * ibot_loss(
                 patch_logits, ibot_targets, masks_weight, n_images=len(s_global_cls), student_temp=cfg.student_temp
             )
         terms["loss"] = sum(terms.values(), s_global_cls.sum() * 0)
@@ -110,10 +93,10 @@ class DINOv2Objective(nn.Module):
         backbone: VisionTransformer,
         dino_head: DINOHead,
         ibot_head: DINOHead | None,
-        cfg: ObjectiveConfig,
+        cfg: SSLConfig,
     ) -> None:
         super().__init__()
-        if cfg.centering not in ("centering", "sinkhorn_knopp"):
+        if cfg.centering not in CENTERINGS:
             raise ValueError(f"ssl.centering must be 'centering' or 'sinkhorn_knopp', got {cfg.centering!r}")
         self.cfg = cfg
         modules = {"backbone": backbone, "dino_head": dino_head}
@@ -122,8 +105,7 @@ class DINOv2Objective(nn.Module):
         self.student = nn.ModuleDict(modules)
         self.teacher = copy.deepcopy(self.student)
         assert_no_shared_storage(self.teacher, self.student)
-        for blk in self.teacher.backbone.blocks:  # the teacher never drops paths
-            blk.drop_path = 0.0
+        self.teacher.backbone.without_stochastic_depth()  # DINOv2's teacher never drops paths
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         ibot_dim = (ibot_head or dino_head).out_dim
@@ -135,12 +117,12 @@ class DINOv2Objective(nn.Module):
 
     @property
     def do_ibot(self) -> bool:
-        return self.cfg.ibot_loss_weight > 0
+        return self.cfg.ibot.loss_weight > 0
 
     @property
     def masks_student(self) -> bool:
         """Whether the student's global crops are masked (always with iBOT; as DINOv2 also without)."""
-        return self.do_ibot or self.cfg.mask_when_ibot_off
+        return self.do_ibot or self.cfg.ibot.mask_when_off
 
     def train(self, mode: bool = True) -> DINOv2Objective:
         super().train(mode)
@@ -191,7 +173,7 @@ class DINOv2Objective(nn.Module):
         cfg = self.cfg
         global_crops, local_crops = batch["global_crops"], batch.get("local_crops")
         has_local = local_crops is not None and local_crops.shape[0] > 0
-        masked = MaskedTokens.from_batch(batch, cfg.pad_masked_tokens) if self.do_ibot else None
+        masked = MaskedTokens.from_batch(batch, cfg.ibot.pad_masked_tokens) if self.do_ibot else None
         dino_targets, ibot_targets = self._teacher(batch, teacher_temp, masked)
 
         masks = batch["masks"] if self.masks_student else None
@@ -253,9 +235,9 @@ class DINOv2Objective(nn.Module):
 
     def loss_term_names(self) -> list[str]:
         names = []
-        if self.cfg.dino_loss_weight > 0:
+        if self.cfg.dino.loss_weight > 0:
             names += ["dino_local_crops_loss", "dino_global_crops_loss"]
-        if self.cfg.koleo_loss_weight > 0:
+        if self.cfg.dino.koleo_loss_weight > 0:
             names.append("koleo_loss")
         if self.do_ibot:
             names.append("ibot_loss")

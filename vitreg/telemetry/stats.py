@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,22 +23,34 @@ from vitreg.telemetry.detectors import DETECTORS, DetectorSettings, bimodality_c
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
 # Fixed log-spaced histogram edges, so histograms of any run, layer and step can be compared.
 HIST_EDGES = np.logspace(-1, 4, 51)
+STREAMS = ("prenorm", "postnorm")  # the residual stream before the final norm, or after it
 
 
-@dataclass(frozen=True)
+@dataclass
 class TelemetrySettings:
-    detectors: DetectorSettings = field(default_factory=DetectorSettings)
+    """How artifacts are measured: the ``telemetry`` section of conf/analyze.yaml and the measuring keys of
+    ``callbacks.telemetry`` (conf/callbacks/default.yaml), whose Hydra schema node this class is."""
+
+    attention: bool = True  # recompute attention (math path) for entropy, sink mass and maps
     stream: str = "prenorm"  # the norms outliers are detected on: prenorm (residual stream) | postnorm
     detector: str = "valley"  # the headline detector: emergence, position map, attention split
+    fixed_cutoff: float = DetectorSettings.fixed_cutoff
+    robust_z: float = DetectorSettings.robust_z
     emergence_fraction: float = 0.005  # a layer "has artifacts" when its outlier fraction exceeds this
     identical_cosine: float = 0.99  # registers this similar (mean over images) are flagged identical
     num_maps: int = 4  # probe images whose per-patch maps are kept for pictures
+    chunk_size: int = 16  # images per probe forward (bounds the recomputed attention's memory)
 
     def __post_init__(self) -> None:
-        if self.stream not in ("prenorm", "postnorm"):
+        if self.stream not in STREAMS:
             raise ValueError(f"telemetry stream must be prenorm or postnorm, got {self.stream!r}")
         if self.detector not in DETECTORS:
             raise ValueError(f"telemetry detector must be one of {DETECTORS}, got {self.detector!r}")
+
+    @property
+    def detectors(self) -> DetectorSettings:
+        """The detectors' parameters; the valley detector's own keep their defaults."""
+        return DetectorSettings(fixed_cutoff=self.fixed_cutoff, robust_z=self.robust_z)
 
 
 def _quantiles(values: Tensor) -> dict[str, float]:
@@ -67,37 +79,37 @@ def _clip(norms: Tensor) -> np.ndarray:
 
 
 def _norm_summary(cap: Capture, stream: str) -> dict:
-    k = cap.num_prefix
+    patch, reg = cap.layout.patches_slice, cap.layout.registers_slice
     norms = [getattr(layer, f"{stream}_norms") for layer in cap.layers]
     out = {
-        "patch": _per_layer([_quantiles(n[:, k:]) for n in norms]),
+        "patch": _per_layer([_quantiles(n[:, patch]) for n in norms]),
         "cls": _per_layer([_quantiles(n[:, 0]) for n in norms]),
         # norms outside the edges land in the first/last bin, so every token is counted
-        "histogram": [np.histogram(_clip(n[:, k:]), bins=HIST_EDGES)[0].tolist() for n in norms],
+        "histogram": [np.histogram(_clip(n[:, patch]), bins=HIST_EDGES)[0].tolist() for n in norms],
     }
     if cap.num_registers:
-        out["register"] = _per_layer([_quantiles(n[:, 1:k]) for n in norms])
+        out["register"] = _per_layer([_quantiles(n[:, reg]) for n in norms])
         # per register index (median over images): App. D.1's "quantised" register norms
-        out["per_register_median"] = [n[:, 1:k].median(dim=0).values.tolist() for n in norms]
+        out["per_register_median"] = [n[:, reg].median(dim=0).values.tolist() for n in norms]
     return out
 
 
 def _outliers(cap: Capture, s: TelemetrySettings) -> tuple[dict, dict[str, list[Tensor]]]:
     """Per detector and layer: threshold and outlier fractions of patches and registers; also the
     boolean (B, P) patch-outlier masks per detector and layer."""
-    k = cap.num_prefix
+    patch, reg = cap.layout.patches_slice, cap.layout.registers_slice
     summary = {d: {"threshold": [], "patch_fraction": [], "register_fraction": []} for d in DETECTORS}
     masks: dict[str, list[Tensor]] = {d: [] for d in DETECTORS}
     for layer in cap.layers:
         norms = getattr(layer, f"{s.stream}_norms")
         pooled = norms[:, 1:]  # patches and registers, not CLS; the patches are the normal population
-        for name, thr in thresholds(pooled, s.detectors, bulk=norms[:, k:]).items():
-            patch_mask = norms[:, k:] > thr
+        for name, thr in thresholds(pooled, s.detectors, bulk=norms[:, patch]).items():
+            patch_mask = norms[:, patch] > thr
             masks[name].append(patch_mask)
             summary[name]["threshold"].append(_json_float(thr))
             summary[name]["patch_fraction"].append(float(patch_mask.float().mean()))
-            reg = norms[:, 1:k] > thr
-            summary[name]["register_fraction"].append(float(reg.float().mean()) if cap.num_registers else None)
+            reg_mask = norms[:, reg] > thr
+            summary[name]["register_fraction"].append(float(reg_mask.float().mean()) if cap.num_registers else None)
     return summary, masks
 
 
@@ -107,7 +119,7 @@ def _emergence(fractions: list[float], epsilon: float) -> int | None:
 
 def _attention(cap: Capture, outlier_mask: Tensor) -> dict[str, list[float | None]]:
     """Per layer, averaged over images and heads: CLS entropy over patches and where attention lands."""
-    k = cap.num_prefix
+    patch, reg = cap.layout.patches_slice, cap.layout.registers_slice
     keys = ("cls_entropy", "cls_to_cls", "cls_to_registers", "cls_to_outliers", "cls_to_normals")
     keys += ("all_to_cls", "all_to_registers", "all_to_outliers", "all_to_normals", "heads_argmax_outlier_or_register")
     out: dict[str, list[float | None]] = {key: [None] for key in keys}  # layer 0 has no attention
@@ -119,12 +131,12 @@ def _attention(cap: Capture, outlier_mask: Tensor) -> dict[str, list[float | Non
                 out[key].append(None)
             continue
         for prefix, att in (("cls", layer.cls_attention), ("all", layer.received_attention)):
-            patches = att[..., k:]
+            patches = att[..., patch]
             out[f"{prefix}_to_cls"].append(float(att[..., 0].mean()))
-            out[f"{prefix}_to_registers"].append(float(att[..., 1:k].sum(-1).mean()))
+            out[f"{prefix}_to_registers"].append(float(att[..., reg].sum(-1).mean()))
             out[f"{prefix}_to_outliers"].append(float((patches * outlier).sum(-1).mean()))
             out[f"{prefix}_to_normals"].append(float((patches * normal).sum(-1).mean()))
-        out["cls_entropy"].append(float(_entropy(layer.cls_attention[..., k:]).mean()))
+        out["cls_entropy"].append(float(_entropy(layer.cls_attention[..., patch]).mean()))
         # a head "sinks" when the CLS query's strongest key is a register or an outlier patch
         top = layer.cls_attention[..., 1:].argmax(-1)  # (B, H) over registers + patches
         is_register = top < cap.num_registers
@@ -145,7 +157,7 @@ def _register_health(cap: Capture, s: TelemetrySettings, outliers: dict) -> dict
     off_diag = cos[~torch.eye(r, dtype=torch.bool)] if r > 1 else torch.zeros(0, dtype=torch.float64)
     last_norms = getattr(cap.layers[-1], f"{s.stream}_norms")
     head = outliers[s.detector]
-    patch_median = float(last_norms[:, cap.num_prefix :].median())
+    patch_median = float(last_norms[:, cap.layout.patches_slice].median())
     register_fraction = head["register_fraction"][-1]
     health = {
         "cosine": cos.tolist(),
@@ -154,7 +166,9 @@ def _register_health(cap: Capture, s: TelemetrySettings, outliers: dict) -> dict
         "cosine_with_cls": with_cls.tolist(),
         "identical": bool(off_diag.numel() and float(off_diag.max()) >= s.identical_cosine),
         # per register: its median norm over images / the median patch norm (last layer)
-        "norm_ratio": (last_norms[:, 1 : cap.num_prefix].median(dim=0).values / max(patch_median, 1e-12)).tolist(),
+        "norm_ratio": (
+            last_norms[:, cap.layout.registers_slice].median(dim=0).values / max(patch_median, 1e-12)
+        ).tolist(),
         "absorbing": bool(
             register_fraction is not None
             and register_fraction >= 0.5
@@ -168,13 +182,14 @@ def _register_health(cap: Capture, s: TelemetrySettings, outliers: dict) -> dict
     return health
 
 
-def compute_statistics(cap: Capture, s: TelemetrySettings = TelemetrySettings()) -> tuple[dict, dict[str, np.ndarray]]:
+def compute_statistics(cap: Capture, s: TelemetrySettings | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(record, maps). ``record`` is JSON-ready; ``maps`` holds per-image arrays of the first
     ``num_maps`` probe images: ``norm`` (n, h, w) last-layer patch norms, ``cls_attention`` (n, h, w)
     and ``register_attention`` (n, R, h, w) of the last block (mean over heads), and the
     ``position_frequency`` (h, w) of last-layer outliers over all probe images."""
+    s = s or TelemetrySettings()
     h, w = cap.grid
-    k = cap.num_prefix
+    patch = cap.layout.patches_slice
     b = cap.layers[0].prenorm_norms.shape[0]
     outliers, masks = _outliers(cap, s)
     head_masks = masks[s.detector]
@@ -198,8 +213,8 @@ def compute_statistics(cap: Capture, s: TelemetrySettings = TelemetrySettings())
         "histogram_edges": HIST_EDGES.tolist(),
         "outliers": outliers,
         "emergence_layer": {d: _emergence(outliers[d]["patch_fraction"], s.emergence_fraction) for d in DETECTORS},
-        "max_median_ratio": [float(n[:, k:].max() / n[:, k:].median().clamp(min=1e-12)) for n in stream_norms],
-        "bimodality": [_json_float(bimodality_coefficient(n[:, k:].clamp(min=1e-12).log())) for n in stream_norms],
+        "max_median_ratio": [float(n[:, patch].max() / n[:, patch].median().clamp(min=1e-12)) for n in stream_norms],
+        "bimodality": [_json_float(bimodality_coefficient(n[:, patch].clamp(min=1e-12).log())) for n in stream_norms],
         "massive_activation_ratio": [
             layer.max_abs_activation / max(layer.median_abs_activation, 1e-12) for layer in cap.layers
         ],
@@ -214,12 +229,12 @@ def compute_statistics(cap: Capture, s: TelemetrySettings = TelemetrySettings())
     n = min(s.num_maps, b)
     last = cap.layers[-1]
     maps = {
-        "norm": getattr(last, f"{s.stream}_norms")[:n, k:].reshape(n, h, w).numpy(),
+        "norm": getattr(last, f"{s.stream}_norms")[:n, patch].reshape(n, h, w).numpy(),
         "outliers": last_mask[:n].reshape(n, h, w).numpy(),
         "position_frequency": position_frequency.numpy(),
     }
     if last.cls_attention is not None:
-        maps["cls_attention"] = last.cls_attention[:n, :, k:].mean(1).reshape(n, h, w).numpy()
+        maps["cls_attention"] = last.cls_attention[:n, :, patch].mean(1).reshape(n, h, w).numpy()
         if cap.num_registers:
-            maps["register_attention"] = last.register_attention[:n, :, k:].reshape(n, -1, h, w).numpy()
+            maps["register_attention"] = last.register_attention[:n, :, patch].reshape(n, -1, h, w).numpy()
     return record, maps
