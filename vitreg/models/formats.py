@@ -36,6 +36,7 @@ from vitreg.models.export_hf import (
     vit_config_from_hf,
 )
 from vitreg.models.export_timm import TIMM_INTERPOLATION, hub_state_dict_from_timm, looks_like_timm_state
+from vitreg.utils.sharded import is_sharded_checkpoint, read_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 RECORD_NAME = "vitreg_export.json"
@@ -113,8 +114,6 @@ def read_backbone_source(
         return _from_mapping(source, which)
     path = Path(source)
     if path.is_dir():
-        from vitreg.utils.sharded import is_sharded_checkpoint, read_sharded_checkpoint
-
         if is_hf_folder(path):
             config, state = read_hf_folder(path)
             found = BackboneSource(state, "hf", vit_config_from_hf(config), dict(config))
