@@ -12,8 +12,9 @@ is checked by what it runs, without training or touching data:
   existing. ``-m`` sweeps are composed per value; ``--cfg``/``--resolve``/``...`` are dropped.
 - launchers (``sbatch slurm/*.sbatch``, ``srun``, ``torchrun``) are not run: the overrides they pass
   to ``train/pretrain.py`` / ``train/analyze.py`` are checked as above.
-- ``python scripts/<name>.py ...``: the script runs in-process until it has parsed its arguments
-  with argparse (a wrong flag fails as it would in the shell), then stops before doing any work.
+- ``python scripts/<name>.py ...`` and ``python benchmarks/<name>.py ...``: the script runs in-process
+  until it has parsed its arguments with argparse (a wrong flag fails as it would in the shell), then
+  stops before doing any work.
 - Overrides of ``hydra/...`` (e.g. ``hydra/launcher=submitit_slurm``) are composed with Hydra's own
   config; without the optional launcher plugin such commands are skipped.
 - ``SKIP``: commands that cannot run here in seconds (training, the whole suite, installs, W&B
@@ -169,7 +170,7 @@ def check(command: Command) -> None:
     program, args = split_program(argv)
     if program in ("train/pretrain.py", "train/analyze.py"):
         check_hydra_command(command, program, args)
-    elif program.startswith("scripts/") and program.endswith(".py"):
+    elif program.startswith(("scripts/", "benchmarks/")) and program.endswith(".py"):
         check_script(command, program, args)
     else:
         raise AssertionError(

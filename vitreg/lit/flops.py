@@ -1,6 +1,6 @@
 """FLOPs of one training step (student and teacher, forward and backward), counted once on fake tensors.
 
-``perf/mfu`` and ``scripts/bench_step.py`` divide these by time and the device's peak. The model is built
+``perf/mfu`` and ``benchmarks/bench_step.py`` divide these by time and the device's peak. The model is built
 on the meta device and given fake CPU storage, so counting a ViT-L step needs no memory and no compute;
 the iBOT masks are real draws of the collator, so the head rows are what training runs (with
 ``ssl.ibot.pad_masked_tokens`` always the batch's upperbound). Drop path's batch subsets are counted as

@@ -11,9 +11,9 @@ Printed:
 - the overhead at the configured cadence: measurement time / (every_n_steps x baseline step time);
 - the end-to-end ratio of the two runs' training times (noisier: it includes run-to-run jitter).
 
-    python scripts/bench_telemetry.py                       # demo config, 60 steps, cadence 50
-    python scripts/bench_telemetry.py --wandb               # + W&B offline media (images, histograms)
-    python scripts/bench_telemetry.py --steps 100 -- model=vitb callbacks.telemetry.every_n_steps=500
+    python benchmarks/bench_telemetry.py                       # demo config, 60 steps, cadence 50
+    python benchmarks/bench_telemetry.py --wandb               # + W&B offline media (images, histograms)
+    python benchmarks/bench_telemetry.py --steps 100 -- model=vitb callbacks.telemetry.every_n_steps=500
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""scripts/bench_step.py runs its tiny CPU configuration and ends with the documented line. Speed itself
+"""benchmarks/bench_step.py runs its tiny CPU configuration and ends with the documented line. Speed itself
 is measured by the script, never asserted here."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "bench_step.py"
+SCRIPT = REPO / "benchmarks" / "bench_step.py"
 OFFICIAL_REPO_ENV = "VITREG_DINOV2_REPO"  # a facebookresearch/dinov2 checkout (never part of vitreg)
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 

@@ -7,8 +7,8 @@ through ``AtomicCheckpointIO`` (checksum, temporary file, fsync, rename) and loa
 process. Also times the two costs of the payload checksum: computing it (part of every write) and
 verifying it, as resume does (``newest_good_checkpoint``: step metadata, then every tensor read once).
 
-    python scripts/bench_checkpoint.py                                   # experiment=dinov2_vitl14_reg4
-    python scripts/bench_checkpoint.py --dir /scratch/$USER -- model=vitg registers=4
+    python benchmarks/bench_checkpoint.py                                   # experiment=dinov2_vitl14_reg4
+    python benchmarks/bench_checkpoint.py --dir /scratch/$USER -- model=vitg registers=4
 """
 
 from __future__ import annotations

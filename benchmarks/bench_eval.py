@@ -13,8 +13,8 @@ Printed: wall time, images/s and the ratio of each pipeline's image rate to the 
 the evaluation costs no more than the model itself; lower = data loading, transforms, gathering or the
 classifiers add that much).
 
-    python scripts/bench_eval.py                                    # vitl, 10k images per split, GPU
-    python scripts/bench_eval.py --model vitt --images 512 --resolution 112 --device cpu
+    python benchmarks/bench_eval.py                                    # vitl, 10k images per split, GPU
+    python benchmarks/bench_eval.py --model vitt --images 512 --resolution 112 --device cpu
 """
 
 from __future__ import annotations

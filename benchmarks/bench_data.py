@@ -18,11 +18,11 @@ ops (jitter, grayscale, blur, solarize, normalise) after the host-to-device tran
 end with geometric-only uint8 crops, and, per image, geometric float vs uint8 crops and the photometric
 ops per crop vs batched over stacked crops, all on this CPU (a GPU is not measured here).
 
-    python scripts/bench_data.py
-    python scripts/bench_data.py --photometric-batched
-    python scripts/bench_data.py --images 128 --size 1024x768 --repeats 1
-    python scripts/bench_data.py --mixed
-    git archive COMMIT vitreg | tar -x -C /tmp/old && python scripts/bench_data.py --mixed --compare-with /tmp/old
+    python benchmarks/bench_data.py
+    python benchmarks/bench_data.py --photometric-batched
+    python benchmarks/bench_data.py --images 128 --size 1024x768 --repeats 1
+    python benchmarks/bench_data.py --mixed
+    git archive COMMIT vitreg | tar -x -C /tmp/old && python benchmarks/bench_data.py --mixed --compare-with /tmp/old
 
 ``--mixed`` (``--set mixed``) replaces the uniform JPEGs by a fixed-seed mix written straight to tar
 shards (no ``write_shards`` re-encoding): small JPEGs, progressive, grayscale and CMYK JPEGs, PNGs in

@@ -6,9 +6,9 @@ separate forwards (time ratio, and the max output difference). Also checks that 
 agrees with the math path in the chosen dtype.
 
     # the H200 check of the foundation issue
-    python scripts/bench_backbone.py --model vitl --registers 4 --batch 64 --dtype bf16
+    python benchmarks/bench_backbone.py --model vitl --registers 4 --batch 64 --dtype bf16
     # a quick CPU run
-    python scripts/bench_backbone.py --model vitt --batch 8 --steps 3 --local-batch 16
+    python benchmarks/bench_backbone.py --model vitt --batch 8 --steps 3 --local-batch 16
 """
 
 from __future__ import annotations
