@@ -6,7 +6,7 @@ tasks); this module composes them with the run-level groups (trainer, logger, ca
 data) into ``pretrain_schema`` and ``analyze_schema`` in Hydra's ConfigStore, so a misspelled key or a
 wrong type fails when the config is composed, naming the key. ``validate_config`` then checks the
 combinations that cannot work, before any model is built. Defaults are DINOv2's
-(``ssl_default_config.yaml``, shared/reference/dinov2.md §4.1); the YAML files in ``conf/`` choose
+(``dinov2/configs/ssl_default_config.yaml``); the YAML files in ``conf/`` choose
 between them. Code takes a group as its typed dataclass with ``to_dataclass``.
 """
 

@@ -1,5 +1,5 @@
 """Independent reference material for the backbone tests, written from the DINOv2 spec
-(shared/reference/dinov2.md §1), not from vitreg's code:
+(``dinov2/models/vision_transformer.py::DinoVisionTransformer``), not from vitreg's code:
 
 - ``official_state_dict``: random tensors under the official hub key names and shapes;
 - ``reference_forward``: a naive forward over such a state dict (explicit softmax attention,

