@@ -18,7 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import vitreg.data.webdataset as wdsmod
-from vitreg.data.webdataset import ShardStream, SkipCounter, UnusableDataError
+from vitreg.data.tar import SkipCounter
+from vitreg.data.webdataset import ShardStream, UnusableDataError
 
 
 def jpeg_bytes(value: int, size: int = 32) -> bytes:

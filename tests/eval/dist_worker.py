@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vitreg.eval.data import eval_loader, eval_transform
+from vitreg.data.transforms import eval_transform
+from vitreg.eval.data import eval_loader
 from vitreg.eval.distributed import gather_in_order
 from vitreg.eval.features import extract_features
 from vitreg.eval.knn import evaluate_knn, knn_accuracy, knn_class_scores, knn_classify

@@ -13,14 +13,8 @@ import torch
 from PIL import Image
 
 from vitreg.data.shards import ImageItem, write_shards
-from vitreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from vitreg.eval.data import (
-    LabelledImages,
-    collate_labelled,
-    eval_loader,
-    eval_transform,
-    train_transform,
-)
+from vitreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from vitreg.eval.data import LabelledImages, collate_labelled, eval_loader
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 

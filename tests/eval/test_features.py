@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.telemetry.planted import IMG, planted_vit, probe_images
-from vitreg.eval.data import eval_loader, eval_transform
+from vitreg.data.transforms import eval_transform
+from vitreg.eval.data import eval_loader
 from vitreg.eval.features import Features, backbone_features, extract_features, linear_input
 from vitreg.models.vision_transformer import build_vit
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitreg.eval.data import eval_loader, eval_transform
+from vitreg.data.transforms import eval_transform
+from vitreg.eval.data import eval_loader
 from vitreg.eval.knn import evaluate_knn, extract_cls_features, knn_accuracy, knn_class_scores, knn_classify
 from vitreg.models.vision_transformer import build_vit
 

@@ -31,6 +31,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 REASONS: tuple[str, ...] = ("empty", "not_an_image", "corrupt", "truncated", "too_small", "too_large")
+# Extensions of image files and of a shard sample's image members (lower case, no dot), in the order a
+# sample with several image members is read: the first present wins.
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8\xff", b"\xff\xda", b"\xff\xd9"
 _SIGNATURES = {

@@ -38,7 +38,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+from vitreg.data.decode import IMAGE_EXTENSIONS
+
 KINDS = ("tree", "flat", "list")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -94,7 +95,7 @@ def _visible(name: str) -> bool:
 
 
 def _is_image(name: str) -> bool:
-    return _visible(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return _visible(name) and os.path.splitext(name)[1].lower()[1:] in IMAGE_EXTENSIONS
 
 
 def _walk_images(folder: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""DINOv2's multi-crop augmentation, reimplemented with plain torch ops on uint8 CHW tensors.
+"""DINOv2's image transforms, reimplemented with plain torch ops on uint8 CHW tensors: the multi-crop
+augmentation of pretraining, and at the end the transforms of evaluation and of the probe images.
 
 DINOv2 runs torchvision on PIL images. Here the crop is resampled in uint8 (rounded like PIL's resize)
 and turned into a float CHW tensor in [0, 1] on which every later op works, so no torchvision and no
@@ -14,8 +15,9 @@ run is reproducible under ``torch.manual_seed``.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -450,3 +452,110 @@ class MultiCropTransform:
             f"local={self.local_crops_number}x{self.local_crops_size}px {self.local_crops_scale}, "
             f"blur={self.blur_probabilities}, solarize_prob={self.solarize_prob}, output={self.output_dtype})"
         )
+
+
+def accepts_generator(transform: Callable[..., object] | None) -> bool:
+    """Whether ``transform`` takes a ``generator=`` (random transforms do: their readers seed one per sample)."""
+    if transform is None:
+        return False
+    try:
+        return "generator" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- evaluation and probe images
+# Three ways to make a fixed-size input from an image, each on purpose:
+# - ``ClassificationEvalTransform``: DINOv2's evaluation (shorter side to 256/224 x, centre crop);
+# - ``ResizeNormalize``: the whole image squeezed to a square, no crop (inputs already square: the
+#   synthetic images of the online kNN probe, the stored probe images);
+# - ``center_square``: the probe images' storage (largest centred square, floor offsets, kept as uint8).
+RESIZE_RATIO = 256 / 224  # DINOv2 evaluates at 224 px after resizing the shorter side to 256
+
+
+def resize_shorter(img: Tensor, size: int) -> Tensor:
+    """Shorter side to ``size`` (the longer scaled and truncated, as torchvision's ``Resize(int)``), bicubic
+    antialiased like PIL's; float result in [0, 1]. uint8 input is resampled in uint8, rounding like PIL."""
+    height, width = img.shape[-2:]
+    out_hw = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
+    if img.dtype == torch.uint8:
+        x = img[None].contiguous(memory_format=torch.channels_last)
+        out = F.interpolate(x, size=out_hw, mode="bicubic", antialias=True, align_corners=False)[0]
+        return out.float().div_(255.0)
+    out = F.interpolate(img[None].float(), size=out_hw, mode="bicubic", antialias=True, align_corners=False)
+    return out[0].clamp_(0.0, 1.0)
+
+
+def center_crop(img: Tensor, size: int) -> Tensor:
+    """torchvision's ``CenterCrop`` offsets: ``int(round((side - size) / 2))`` (images are never smaller here)."""
+    height, width = img.shape[-2:]
+    top, left = round((height - size) / 2.0), round((width - size) / 2.0)
+    return img[..., top : top + size, left : left + size].contiguous()
+
+
+class ClassificationEvalTransform:
+    """DINOv2's ``make_classification_eval_transform``: shorter side to ``resize_size`` (bicubic,
+    antialiased), centre crop ``resolution``, ImageNet normalisation. uint8 ``(3, H, W)`` in, float out."""
+
+    def __init__(self, resolution: int = 224, resize_size: int | None = None) -> None:
+        self.resolution = resolution
+        self.resize_size = resize_size or round(resolution * RESIZE_RATIO)
+        if self.resize_size < resolution:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than the crop {resolution}")
+
+    def __call__(self, img: Tensor) -> Tensor:
+        return normalize(center_crop(resize_shorter(img, self.resize_size), self.resolution))
+
+
+class ClassificationTrainTransform:
+    """DINOv2's ``make_classification_train_transform`` (linear-probe training): RandomResizedCrop
+    (bicubic, scale (0.08, 1), ratio (3/4, 4/3)), horizontal flip with p=0.5, ImageNet normalisation.
+    Random draws come from ``generator`` (torch's global RNG when None)."""
+
+    def __init__(
+        self,
+        resolution: int = 224,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip_prob: float = 0.5,
+    ) -> None:
+        self.resolution = resolution
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip_prob = hflip_prob
+
+    def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        crop = random_resized_crop(img, self.resolution, self.scale, self.ratio, generator)
+        if self.hflip_prob > 0:
+            crop = random_horizontal_flip(crop, self.hflip_prob, generator)
+        return normalize(crop)
+
+
+def eval_transform(resolution: int = 224) -> ClassificationEvalTransform:
+    """Resize the shorter side to ``round(resolution * 256 / 224)``, centre crop, normalise."""
+    return ClassificationEvalTransform(resolution)
+
+
+def train_transform(resolution: int = 224) -> ClassificationTrainTransform:
+    """RandomResizedCrop + horizontal flip + normalise, drawing from the generator it is given."""
+    return ClassificationTrainTransform(resolution)
+
+
+class ResizeNormalize:
+    """uint8 image -> the whole image resized to ``size`` x ``size`` (bicubic, antialiased, no crop) and
+    normalised."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Tensor) -> Tensor:
+        return normalize(resize(img, self.size))
+
+
+def center_square(img: Tensor, size: int) -> Tensor:
+    """Centre square crop of a (3, H, W) uint8 image, resized to (3, size, size) uint8."""
+    _, h, w = img.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = img[:, top : top + side, left : left + side]
+    return (resize(crop.contiguous(), size) * 255).round().to(torch.uint8)

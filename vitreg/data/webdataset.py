@@ -18,10 +18,8 @@ keys to change.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import random
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -29,41 +27,12 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vitreg.data.decode import DecodeError, decode_image
+from vitreg.data.decode import IMAGE_EXTENSIONS, DecodeError, decode_image
+from vitreg.data.tar import SkipCounter, iter_tar_samples
+from vitreg.data.transforms import accepts_generator
 from vitreg.utils.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-
-
-class SkipCounter:
-    """Skipped samples and shards by reason, in this process (one per loader worker)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.seen = 0
-        self._reported: Counter[str] = Counter()
-        self._seen_reported = 0
-        self._warned_shards: set[str] = set()
-
-    def skip(self, reason: str, shard: str, detail: str = "") -> None:
-        self.counts[reason] += 1
-        if shard not in self._warned_shards:  # warn once per shard, count every time
-            self._warned_shards.add(shard)
-            log.warning(
-                "skipping bad data in %s (%s%s); further problems in this shard are only counted",
-                shard,
-                reason,
-                f": {detail}" if detail else "",
-            )
-
-    def take_new(self) -> tuple[dict[str, int], int]:
-        """Skips by reason and samples seen since the last call (what a batch reports)."""
-        new, seen = self.counts - self._reported, self.seen - self._seen_reported
-        self._reported, self._seen_reported = Counter(self.counts), self.seen
-        return dict(new), seen
-
 
 SKIPS = SkipCounter()  # per process: each DataLoader worker has its own copy
 
@@ -105,50 +74,6 @@ def buffer_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterato
         yield item
     rng.shuffle(buffer)
     yield from buffer
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """``dir/abc.cls.txt`` -> (``dir/abc``, ``cls.txt``): WebDataset's key/extension convention."""
-    directory, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
-def iter_tar_samples(url: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Samples (dicts of extension -> bytes, plus ``__key__``/``__url__``) of one shard, in order.
-
-    An unreadable or truncated shard ends its own stream with a counted skip, never an exception.
-    """
-    import webdataset as wds
-
-    try:
-        stream = wds.gopen(url)
-    except Exception as err:  # missing file, permission, unreachable URL
-        skips.skip("shard_unreadable", url, str(err))
-        return
-    current: dict[str, Any] | None = None
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_key(member.name)
-                if current is not None and key != current["__key__"]:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:  # stream-mode tarfile returns short reads silently
-                    raise EOFError(f"{member.name}: {len(data)} of {member.size} bytes before the end of the file")
-                current[ext] = data
-        if current is not None:
-            yield current
-    except (tarfile.TarError, OSError, EOFError) as err:  # truncated or corrupt tar: keep what was read
-        # (a cut inside a member's data is caught above; stream-mode tarfile ends silently on a cut header)
-        skips.skip("shard_truncated", url, str(err))
-    finally:
-        stream.close()
 
 
 def parse_label(sample: dict[str, Any]) -> int:
@@ -210,7 +135,7 @@ class ShardStream(IterableDataset):
             raise ValueError("data.webdataset.shards: no shards given (a brace pattern, a list, or a folder of .tar)")
         self.shards = list(shards)
         self.transform = transform
-        self.transform_takes_generator = _accepts_generator(transform)
+        self.transform_takes_generator = accepts_generator(transform)
         # A transform that works channels-last anyway (MultiCropTransform) gets the decoder's HWC memory
         # as it is, instead of a CHW copy that it would copy back.
         self.channels_last = bool(getattr(transform, "accepts_channels_last", False))
@@ -326,12 +251,3 @@ class ShardStream(IterableDataset):
             run.clear()
             label = parse_label(sample)
             yield (out, label, (rank, worker, j)) if self.with_position else (out, label)
-
-
-def _accepts_generator(transform: Callable[..., Any] | None) -> bool:
-    if transform is None:
-        return False
-    try:
-        return "generator" in inspect.signature(transform).parameters
-    except (TypeError, ValueError):
-        return False

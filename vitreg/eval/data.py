@@ -1,12 +1,15 @@
-"""Labelled images for evaluation: DINOv2's classification transforms and a rank-split labelled dataset.
+"""Labelled images for evaluation: a rank-split labelled dataset and its loader.
 
-Sources (``LabelledImages``), each read in one deterministic order in which sample ``i`` has index ``i``:
+Sources (``LabelledImages``; detected by ``vitreg.data.sources.image_source``), each read in one
+deterministic order in which sample ``i`` has index ``i``:
 
 * a class-folder tree ``root/<class>/<image>`` (labels: the sorted class folder names, ``find_images``);
 * a list file, one ``path<TAB>label`` per line (relative paths from the file's folder);
 * WebDataset shards with a ``cls`` label per sample: a ``.tar``, a folder of ``.tar`` files or a brace
   pattern ``shards/val-{000000..000003}.tar`` (shards in order, samples in tar order);
 * ``"synthetic"``: ``SyntheticShapes``, whose ``train`` and ``val`` splits are disjoint random streams.
+
+The transforms (DINOv2's ``eval_transform`` and ``train_transform``) live in ``vitreg.data.transforms``.
 
 Sample ``i`` is read by rank ``i % world`` only, so the ranks together see each sample exactly once (no
 padding, unlike ``DistributedSampler``); inside a rank the DataLoader workers split the rank's samples
@@ -18,124 +21,28 @@ own samples only.
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import random
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitreg.data.decode import REASONS, DecodeError, decode_image
-from vitreg.data.shards import IMAGE_EXTENSIONS as FILE_IMAGE_EXTENSIONS
-from vitreg.data.shards import detect_kind, find_images, list_shards
+from vitreg.data.decode import IMAGE_EXTENSIONS, REASONS, DecodeError, decode_image
+from vitreg.data.shards import local_shard_path, missing_shards
+from vitreg.data.sources import SOURCE_HELP, SYNTHETIC, image_source
 from vitreg.data.synthetic import SyntheticShapes
-from vitreg.data.transforms import normalize, random_horizontal_flip, random_resized_crop
-from vitreg.data.webdataset import (
-    IMAGE_EXTENSIONS,
-    SkipCounter,
-    _split_key,
-    buffer_shuffle,
-    iter_tar_samples,
-    parse_label,
-    sample_seed,
-)
+from vitreg.data.tar import SkipCounter, shard_samples
+from vitreg.data.transforms import accepts_generator
+from vitreg.data.webdataset import buffer_shuffle, parse_label, sample_seed
 from vitreg.utils.distributed import rank_and_world
 
-# DINOv2 evaluates at 224 px after resizing the shorter side to 256: the same ratio at other resolutions.
-RESIZE_RATIO = 256 / 224
 SKIP_REASONS: tuple[str, ...] = (*REASONS, "no_image", "unreadable", "shard_unreadable", "shard_truncated")
 SYNTHETIC_KEYS = frozenset({"num_images", "image_size", "num_classes", "class_appearance", "max_distractors"})
-SOURCE_HELP = (
-    "pass a class-folder tree (root/<class>/<image>), a list file (path<TAB>label lines), labelled WebDataset "
-    "shards (a .tar, a folder of .tar files or a brace pattern such as shards/val-{000000..000009}.tar) or "
-    "'synthetic'"
-)
 _MAX_WORKERS = 64  # rows of the shared skip table: DataLoader worker w counts in row w % 64
-
-
-# ---------------------------------------------------------------- transforms
-def _resize_shorter(img: Tensor, size: int) -> Tensor:
-    """Shorter side to ``size`` (the longer scaled and truncated, as torchvision's ``Resize(int)``), bicubic
-    antialiased like PIL's; float result in [0, 1]. uint8 input is resampled in uint8, rounding like PIL."""
-    height, width = img.shape[-2:]
-    out_hw = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
-    if img.dtype == torch.uint8:
-        x = img[None].contiguous(memory_format=torch.channels_last)
-        out = F.interpolate(x, size=out_hw, mode="bicubic", antialias=True, align_corners=False)[0]
-        return out.float().div_(255.0)
-    out = F.interpolate(img[None].float(), size=out_hw, mode="bicubic", antialias=True, align_corners=False)
-    return out[0].clamp_(0.0, 1.0)
-
-
-def _center_crop(img: Tensor, size: int) -> Tensor:
-    """torchvision's ``CenterCrop`` offsets: ``int(round((side - size) / 2))`` (images are never smaller here)."""
-    height, width = img.shape[-2:]
-    top, left = round((height - size) / 2.0), round((width - size) / 2.0)
-    return img[..., top : top + size, left : left + size].contiguous()
-
-
-class ClassificationEvalTransform:
-    """DINOv2's ``make_classification_eval_transform``: shorter side to ``resize_size`` (bicubic,
-    antialiased), centre crop ``resolution``, ImageNet normalisation. uint8 ``(3, H, W)`` in, float out."""
-
-    def __init__(self, resolution: int = 224, resize_size: int | None = None) -> None:
-        self.resolution = resolution
-        self.resize_size = resize_size or round(resolution * RESIZE_RATIO)
-        if self.resize_size < resolution:
-            raise ValueError(f"resize_size {self.resize_size} is smaller than the crop {resolution}")
-
-    def __call__(self, img: Tensor) -> Tensor:
-        return normalize(_center_crop(_resize_shorter(img, self.resize_size), self.resolution))
-
-
-class ClassificationTrainTransform:
-    """DINOv2's ``make_classification_train_transform`` (linear-probe training): RandomResizedCrop
-    (bicubic, scale (0.08, 1), ratio (3/4, 4/3)), horizontal flip with p=0.5, ImageNet normalisation.
-    Random draws come from ``generator`` (torch's global RNG when None)."""
-
-    def __init__(
-        self,
-        resolution: int = 224,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip_prob: float = 0.5,
-    ) -> None:
-        self.resolution = resolution
-        self.scale = scale
-        self.ratio = ratio
-        self.hflip_prob = hflip_prob
-
-    def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        crop = random_resized_crop(img, self.resolution, self.scale, self.ratio, generator)
-        if self.hflip_prob > 0:
-            crop = random_horizontal_flip(crop, self.hflip_prob, generator)
-        return normalize(crop)
-
-
-def eval_transform(resolution: int = 224) -> Callable[[Tensor], Tensor]:
-    """Resize the shorter side to ``round(resolution * 256 / 224)``, centre crop, normalise."""
-    return ClassificationEvalTransform(resolution)
-
-
-def train_transform(resolution: int = 224) -> Callable[[Tensor, torch.Generator | None], Tensor]:
-    """RandomResizedCrop + horizontal flip + normalise, drawing from the generator it is given."""
-    return ClassificationTrainTransform(resolution)
-
-
-def _takes_generator(transform: Callable[..., Any] | None) -> bool:
-    if transform is None:
-        return False
-    try:
-        return "generator" in inspect.signature(transform).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------- skips shared with loader workers
@@ -150,66 +57,6 @@ class _SharedSkips(SkipCounter):
     def skip(self, reason: str, shard: str, detail: str = "") -> None:
         super().skip(reason, shard, detail)
         self.row[SKIP_REASONS.index(reason)] += 1
-
-
-# ---------------------------------------------------------------- reading shards
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def _local_tar_samples(
-    path: str, skips: SkipCounter, wanted: Callable[[int], bool], exts: frozenset[str] | None = None
-) -> Iterator[dict[str, Any] | None]:
-    """Every sample of a local tar in order: a dict (extension -> bytes, ``__key__``, ``__url__``) when
-    ``wanted(position)``, else None. Member data is read only for wanted samples (and only ``exts`` when
-    given); the rest is seeked over. A short read marks the sample ``__error__ = "truncated"``; an
-    unreadable or truncated archive ends with a counted skip. Positions depend on headers only, so every
-    process numbers the samples of a shard the same way, whatever it reads."""
-    try:
-        tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 -- closed by the `with` below, after the check
-    except (OSError, tarfile.TarError) as err:
-        skips.skip("shard_unreadable", path, str(err))
-        return
-
-    def read(key: str, members: list[tarfile.TarInfo]) -> dict[str, Any]:
-        sample: dict[str, Any] = {"__key__": key, "__url__": path}
-        for member in members:
-            ext = _split_key(member.name)[1]
-            if exts is not None and ext not in exts:
-                continue
-            data = tar.extractfile(member).read()
-            if len(data) != member.size:
-                sample["__error__"] = "truncated"
-            sample[ext] = data
-        return sample
-
-    with tar:
-        position, key, members = 0, None, []
-        try:
-            for member in tar:  # seekable mode: next() skips the data of unread members
-                if not member.isfile():
-                    continue
-                member_key = _split_key(member.name)[0]
-                if key is not None and member_key != key:
-                    yield read(key, members) if wanted(position) else None
-                    position, members = position + 1, []
-                key = member_key
-                members.append(member)
-            if key is not None:
-                yield read(key, members) if wanted(position) else None
-        except (OSError, EOFError, tarfile.TarError) as err:
-            skips.skip("shard_truncated", path, str(err))
-
-
-def _shard_samples(
-    url: str, skips: SkipCounter, wanted: Callable[[int], bool], exts: frozenset[str] | None = None
-) -> Iterator[dict[str, Any] | None]:
-    """``_local_tar_samples`` for files; remote URLs are streamed whole with ``iter_tar_samples``."""
-    if _is_local(url):
-        yield from _local_tar_samples(url, skips, wanted, exts)
-        return
-    for position, sample in enumerate(iter_tar_samples(url, skips)):
-        yield sample if wanted(position) else None
 
 
 # ---------------------------------------------------------------- the dataset
@@ -251,7 +98,7 @@ class LabelledImages(IterableDataset):
             raise ValueError(f"limit must be a positive number of samples or None, got {limit}")
         self.source = os.fspath(source)
         self.transform = transform
-        self.transform_takes_generator = _takes_generator(transform)
+        self.transform_takes_generator = accepts_generator(transform)
         self.rank, self.world = rank, world
         self.limit = limit
         self.split = split
@@ -265,8 +112,8 @@ class LabelledImages(IterableDataset):
         self.class_names: list[str] | None = None
         self._num_classes: int | None = None
         self._skip_table = torch.zeros(_MAX_WORKERS, len(SKIP_REASONS), dtype=torch.long).share_memory_()
-        if self.source == "synthetic":
-            self.kind = "synthetic"
+        if self.source == SYNTHETIC:
+            self.kind = SYNTHETIC
             self._init_synthetic(synthetic or {}, split, seed)
         elif synthetic is not None:
             raise ValueError(f"synthetic={synthetic} is only used with source='synthetic', not {self.source!r}")
@@ -285,57 +132,27 @@ class LabelledImages(IterableDataset):
         self.class_names = list(self.synthetic.class_names)
         self._num_classes = self.synthetic.num_classes
 
-    def _init_path(self, source: str) -> None:
-        if not _is_local(source) or (any(c in source for c in "{*?[") and not os.path.exists(source)):
-            self.kind = "shards"
-            try:
-                self.shards = list_shards(source)
-            except FileNotFoundError:
-                raise ValueError(f"no shards match {source!r}; {SOURCE_HELP}") from None
-            missing = [s for s in self.shards if _is_local(s) and not os.path.isfile(s)]
-            if missing:
-                raise ValueError(
-                    f"{len(missing)} shard(s) of {source!r} do not exist, e.g. {missing[0]}; {SOURCE_HELP}"
-                )
-        else:
-            path = Path(source)
-            if not path.exists():
-                raise ValueError(f"evaluation source {source} does not exist; {SOURCE_HELP}")
-            if path.is_file() and path.name.endswith(".tar"):
-                self.kind, self.shards = "shards", [str(path)]
-            elif path.is_dir() and any(p.suffix == ".tar" and not p.name.startswith(".") for p in path.iterdir()):
-                self.kind, self.shards = "shards", list_shards(path)
-            else:
-                self.kind = "files"
-                self._init_files(path)
-                return
-        self._init_shards()
-
-    def _init_files(self, path: Path) -> None:
-        kind = detect_kind(path)
-        if kind == "flat":
-            raise ValueError(
-                f"{path} holds images without class folders, but evaluation needs labels: put them in "
-                f"{path}/<class>/<image> folders or list them with labels (path<TAB>label); {SOURCE_HELP}"
-            )
-        self.items, self.class_names = find_images(path, kind)
-        if not self.items:
-            raise ValueError(f"no images in {path} (extensions {sorted(FILE_IMAGE_EXTENSIONS)}); {SOURCE_HELP}")
-        if self.class_names is None:
-            raise ValueError(f"{path} lists images without labels; evaluation needs 'path<TAB>label' lines")
-        self._num_classes = len(self.class_names)
-        if self.limit is not None:
+    def _init_path(self, spec: str) -> None:
+        source = image_source(spec, labelled=True)
+        self.kind = source.kind
+        self.items, self.shards = list(source.items), list(source.shards)
+        self.class_names = list(source.class_names) if source.class_names is not None else None
+        self._num_classes = len(self.class_names) if self.class_names is not None else None
+        if self.kind == "files" and self.limit is not None:
             self.items = self.items[: self.limit]
+        if self.kind == "shards":
+            self._check_shards()
 
-    def _init_shards(self) -> None:
-        first = self.shards[0]
-        classes = Path(first).parent / "classes.json" if _is_local(first) else None
-        if classes is not None and classes.is_file():
-            self.class_names = [str(c) for c in json.loads(classes.read_text())]
-            self._num_classes = len(self.class_names)
+    def _check_shards(self) -> None:
+        missing = missing_shards(self.shards)
+        if missing:
+            raise ValueError(
+                f"{len(missing)} shard(s) of {self.source!r} do not exist, e.g. {missing[0]}; {SOURCE_HELP}"
+            )
         # Fail now, on every rank, if the shards carry no labels (rather than later, inside one worker).
-        if _is_local(first):
-            samples = _local_tar_samples(first, SkipCounter(), lambda p: p == 0, frozenset({"cls", "cls.txt"}))
+        first = self.shards[0]
+        if local_shard_path(first) is not None:
+            samples = shard_samples(first, SkipCounter(), lambda p: p == 0, frozenset({"cls", "cls.txt"}))
             try:
                 sample = next(samples, None)
             finally:
@@ -412,7 +229,7 @@ class LabelledImages(IterableDataset):
         start = 0
         for url in self.shards:
             count = 0
-            for sample in _shard_samples(url, skips, lambda p, s=start: owned(s + p), exts):
+            for sample in shard_samples(url, skips, lambda p, s=start: owned(s + p), exts):
                 count += 1
                 yield sample
             start += count

@@ -503,7 +503,8 @@ def source_loader(
     (resize to resolution·256/224, centre crop); split by rank there."""
 
     def make(rank: int, world: int) -> Iterable:
-        from vitreg.eval.data import eval_loader, eval_transform
+        from vitreg.data.transforms import eval_transform
+        from vitreg.eval.data import eval_loader
 
         return eval_loader(
             source,

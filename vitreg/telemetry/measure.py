@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vitreg.data.probe import probe_tensor
 from vitreg.telemetry.capture import capture, merge_captures
-from vitreg.telemetry.probe import probe_tensor
 from vitreg.telemetry.stats import TelemetrySettings, compute_statistics
 
 
