@@ -1,5 +1,6 @@
 """LightningDataModules: the embedded synthetic dataset and streamed WebDataset shards, both through the
-real multi-crop + collate path."""
+real multi-crop + collate path. Each owns where its streams stand (``StreamPositions``) and saves it in
+checkpoints through its ``state_dict``, so a resumed run continues the streams exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import random
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from vitreg.config import ConfigError
@@ -18,20 +18,11 @@ from vitreg.data.collate import MultiCropCollator
 from vitreg.data.shards import list_shards, missing_shards
 from vitreg.data.synthetic import SyntheticShapes
 from vitreg.data.synthetic_shards import ensure_synthetic_shards
-from vitreg.data.transforms import MultiCropTransform, normalize, resize
+from vitreg.data.transforms import MultiCropTransform, ResizeNormalize
 from vitreg.data.webdataset import SKIPS, ShardStream
+from vitreg.lit.resume import StreamPositions
 
 log = logging.getLogger(__name__)
-
-
-class EvalTransform:
-    """uint8 image -> resized (bicubic, antialiased) and normalised float tensor, for feature extraction."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, img: Tensor) -> Tensor:
-        return normalize(resize(img, self.size))
 
 
 def multicrop_transform(cfg: DictConfig) -> MultiCropTransform:
@@ -70,14 +61,36 @@ def multicrop_collator(cfg: DictConfig) -> MultiCropCollator:
     )
 
 
-class SyntheticDataModule(L.LightningDataModule):
-    """Training batches from ``SyntheticShapes``; ``knn_loaders`` gives labelled bank/query sets."""
+class ResumableStreams(L.LightningDataModule):
+    """A training data module whose stream positions (``self.streams``) travel in checkpoints: counted at
+    every training batch, saved by ``state_dict`` (every rank's, gathered), checked and set by
+    ``load_state_dict`` before Lightning asks for the training DataLoader."""
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.streams = StreamPositions(cfg.data.num_workers, strict=cfg.data.exact_resume)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:  # just before the callbacks' on_train_batch_start
+            self.streams.consumed(batch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.streams.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.streams.load_state_dict(state_dict, rank, world)
+
+
+class SyntheticDataModule(ResumableStreams):
+    """Training batches from ``SyntheticShapes``; ``knn_loaders`` gives labelled bank/query sets."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
         self.syn = cfg.data.synthetic
-        self.stream_resume: dict | None = None  # set by ExactResume when resuming
 
     def _dataset(self, n: int, split: str, transform) -> SyntheticShapes:
         return SyntheticShapes(
@@ -101,7 +114,7 @@ class SyntheticDataModule(L.LightningDataModule):
                 seed=self.cfg.seed,
                 class_appearance=self.syn.class_appearance,
             )
-            return stream_loader(self.cfg, shards, self.stream_resume)
+            return stream_loader(self.cfg, shards, self.streams)
         dataset = self._dataset(self.syn.num_images, "train", multicrop_transform(self.cfg))
         if data.batch_size_per_device > len(dataset):
             raise ValueError(
@@ -121,7 +134,7 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def knn_loaders(self, batch_size: int = 128) -> tuple[DataLoader, DataLoader]:
         """(bank, queries): training-split images and held-out val-split images, un-augmented."""
-        transform = EvalTransform(self.cfg.augment.global_crops_size)
+        transform = ResizeNormalize(self.cfg.augment.global_crops_size)
         bank = self._dataset(self.syn.knn_train_images, "train", transform)
         queries = self._dataset(self.syn.knn_val_images, "val", transform)
         workers = min(self.cfg.data.num_workers, 2)
@@ -135,7 +148,7 @@ class CountingCollate:
     Samples that carry their stream position ``(rank, worker, j)`` (``ShardStream(with_position=True)``)
     make the batch exactly resumable: its iBOT masks draw from an RNG seeded by the position of its
     first sample, and ``batch["stream_position"]`` = ``(rank, worker, next j)`` tells where that
-    worker's stream continues after this batch (recorded in checkpoints by ``ExactResume``)."""
+    worker's stream continues after this batch (recorded in checkpoints by ``StreamPositions``)."""
 
     def __init__(self, collator: MultiCropCollator, seed: int = 0) -> None:
         self.collator = collator
@@ -212,11 +225,11 @@ def training_shards(cfg: DictConfig) -> list[str]:
     return present
 
 
-def stream_loader(cfg: DictConfig, shards: list[str], resume: dict | None = None) -> DataLoader:
+def stream_loader(cfg: DictConfig, shards: list[str], streams: StreamPositions | None = None) -> DataLoader:
     """A DataLoader streaming ``shards`` through decode, multi-crop and collate (with skip counts).
 
-    ``resume`` (from ``ExactResume``): ``worker_offset`` and ``start_positions`` that continue the
-    streams exactly where a checkpoint left them."""
+    ``streams`` (restored from a checkpoint): ``worker_offset`` and ``start_positions`` that continue the
+    streams exactly where it left them."""
     data, wds_cfg, augment = cfg.data, cfg.data.webdataset, cfg.augment
     stream = ShardStream(
         shards,
@@ -227,8 +240,8 @@ def stream_loader(cfg: DictConfig, shards: list[str], resume: dict | None = None
         min_side=wds_cfg.min_image_side or augment.local_crops_size,
         draft_side=augment.global_crops_size if wds_cfg.decode_draft else None,
         with_position=True,
-        worker_offset=(resume or {}).get("worker_offset", 0),
-        start_positions=(resume or {}).get("start_positions"),
+        worker_offset=streams.worker_offset if streams is not None else 0,
+        start_positions=streams.start_positions if streams is not None else None,
         max_unusable_in_a_row=wds_cfg.max_unusable_in_a_row,
         max_skip_fraction=wds_cfg.max_skip_fraction,
     )
@@ -243,17 +256,15 @@ def stream_loader(cfg: DictConfig, shards: list[str], resume: dict | None = None
     )
 
 
-class WebDataModule(L.LightningDataModule):
+class WebDataModule(ResumableStreams):
     """Training batches streamed from WebDataset shards through the multi-crop + collate path.
 
     The shards are expanded and checked when the module is made (``training_shards``), so a missing
     shard stops or warns at start, before the model is built."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.shards = training_shards(cfg)
-        self.stream_resume: dict | None = None  # set by ExactResume when resuming
 
     def train_dataloader(self) -> DataLoader:
-        return stream_loader(self.cfg, self.shards, self.stream_resume)
+        return stream_loader(self.cfg, self.shards, self.streams)
