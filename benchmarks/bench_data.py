@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from vitreg.data.decode import decode_image
+from vitreg.data.decode import IMAGE_EXTENSIONS, decode_image
 from vitreg.data.shards import write_shards
 from vitreg.data.synthetic import SyntheticShapes
 from vitreg.data.transforms import (
@@ -75,7 +75,7 @@ from vitreg.data.transforms import (
     sample_crop_box,
     solarize,
 )
-from vitreg.data.webdataset import IMAGE_EXTENSIONS, ShardStream
+from vitreg.data.webdataset import ShardStream
 
 GLOBAL_SCALE, LOCAL_SCALE = (0.32, 1.0), (0.05, 0.32)
 # Grey levels of sensor-like grain: per pixel, and smooth over ~3 px. Without it the upscaled renders compress

@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitreg.eval.data import eval_loader, eval_transform
+from vitreg.data.transforms import eval_transform
+from vitreg.eval.data import eval_loader
 from vitreg.eval.knn import evaluate_knn
 from vitreg.eval.linear import LinearSettings, run_linear_probe
 from vitreg.models.vision_transformer import build_vit
