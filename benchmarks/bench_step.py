@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import logging
 import math
 import os
 import random
@@ -41,12 +42,28 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
+import official_dinov2
 import torch
+import torch.distributed as dist
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig
+
+from vitreg.config import register_configs, to_dataclass
+from vitreg.data.collate import mask_fields
+from vitreg.lit.data import multicrop_collator
+from vitreg.lit.flops import step_flops  # the counter perf/mfu uses in training
+from vitreg.lit.module import DINOv2Module, build_objective
+from vitreg.lit.perf import peak_flops
+from vitreg.models.config import ModelConfig
+from vitreg.ssl.param_groups import apply_schedules, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiment=dinov2_vitl14_reg4"
@@ -128,11 +145,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from vitreg.config import register_configs
-
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="pretrain", overrides=overrides)
@@ -151,9 +163,6 @@ def variant_overrides(variant: Variant) -> list[str]:
 def make_batches(cfg: DictConfig, batch: int, count: int, device: torch.device, seed: int = 0) -> list[dict]:
     """Collated multi-crop batches with vitreg's own iBOT masks (their masked count differs per batch,
     as in training); random pixels, since speed does not depend on them."""
-    from vitreg.data.collate import mask_fields
-    from vitreg.lit.data import multicrop_collator
-
     a = cfg.augment
     collator = multicrop_collator(cfg)  # the run's mask ratios and probability
     generator = torch.Generator().manual_seed(seed)
@@ -175,14 +184,10 @@ def make_batches(cfg: DictConfig, batch: int, count: int, device: torch.device, 
 def flops_per_image(args: argparse.Namespace, cfg: DictConfig, batch: dict, user: list[str]) -> tuple[float, float]:
     """(actual, nominal) FLOPs per image: with the config's drop path, and with drop path off."""
     nominal_cfg = compose([*base_overrides(args, user), "model.drop_path_rate=0.0"])
-    from vitreg.lit.flops import step_flops  # the counter perf/mfu uses in training
-
     return step_flops(cfg, batch) / args.batch, step_flops(nominal_cfg, batch) / args.batch
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
-    from vitreg.lit.perf import peak_flops
-
     return peak_flops(device)  # the one table of device peaks, shared with the training's perf/mfu
 
 
@@ -319,8 +324,6 @@ def default_variants(device: torch.device) -> list[str]:
 
 # ------------------------------------------------------------------ vitreg runners
 def build_module(cfg: DictConfig, device: torch.device):
-    from vitreg.lit.module import DINOv2Module
-
     torch.manual_seed(0)
     with torch.device(device):
         return DINOv2Module(cfg)
@@ -339,8 +342,6 @@ def teacher_ema(objective) -> Callable[[float], None]:
 
 def loop_step(module, optimizer, batches: list[dict], variant: Variant, device: torch.device) -> Callable[[int], None]:
     """One iteration of DINOv2's train loop on vitreg's objective (DINOv2Module's order and hooks)."""
-    from vitreg.ssl.param_groups import apply_schedules
-
     objective, schedules, clip = module.objective, module.schedules, module.cfg.optim.clip_grad
     ema = teacher_ema(objective)
 
@@ -362,8 +363,6 @@ def loop_step(module, optimizer, batches: list[dict], variant: Variant, device: 
 
 
 def run_loop(cfg: DictConfig, variant: Variant, batches: list[dict], args, device: torch.device) -> Result:
-    from vitreg.ssl.param_groups import param_groups
-
     module = build_module(cfg, device)
     if variant.compiled:  # what DINOv2Module.configure_model does for trainer.compile=true
         compile_entry_point()(module.objective, True, device)
@@ -393,8 +392,6 @@ class Stream(torch.utils.data.IterableDataset):
 
 
 def lightning_timer(warmup: int, steps: int, device: torch.device):
-    import lightning as L
-
     class Timer(L.Callback):
         def __init__(self) -> None:
             self.clock, self.peak = StepClock(device), None
@@ -417,17 +414,12 @@ def lightning_timer(warmup: int, steps: int, device: torch.device):
 
 def quiet_lightning() -> None:
     """Lightning's banners and the expected warnings (the teacher is in eval mode on purpose) are noise here."""
-    import logging
-    import warnings
-
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for message in (r".*module\(s\) in eval mode.*", r".*srun.*", r".*LeafSpec.*"):
         warnings.filterwarnings("ignore", message=message)
 
 
 def run_lightning(cfg: DictConfig, variant: Variant, batches: list[dict], args, device: torch.device) -> Result:
-    import lightning as L
-
     quiet_lightning()
     module = build_module(cfg, device)
     if variant.adamw == "fused" and not module.configure_optimizers().defaults.get("fused"):
@@ -475,8 +467,6 @@ def run_variant(name: str, args, user: list[str], batches: list[dict], device: t
 def single_process_group(device: torch.device) -> Iterator[None]:
     """A 1-rank process group: the official iBOT Sinkhorn-Knopp all-reduces unconditionally, and FSDP1
     needs one. Only around the official step, so vitreg's variants run without (as on one GPU)."""
-    import torch.distributed as dist
-
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     if device.type == "cuda":
@@ -489,19 +479,17 @@ def single_process_group(device: torch.device) -> Iterator[None]:
 
 
 def run_official(args, cfg: DictConfig, batches: list[dict], device: torch.device, patches: list[str]) -> Result:
-    import official_dinov2 as official
-
-    from vitreg.lit.module import DINOv2Module
-
     with torch.device("meta"):  # vitreg's schedules: the same values feed the official step
         schedules = DINOv2Module(cfg).schedules
     with single_process_group(device):
         torch.manual_seed(0)
-        model, optimizer, ocfg = official.build_official(args.dinov2_repo.resolve(), cfg, args.batch, device, patches)
-        count, expected = official.student_parameter_count(model), vitreg_student_parameters(cfg)
+        model, optimizer, ocfg = official_dinov2.build_official(
+            args.dinov2_repo.resolve(), cfg, args.batch, device, patches
+        )
+        count, expected = official_dinov2.student_parameter_count(model), vitreg_student_parameters(cfg)
         same = "the same as vitreg's" if count == expected else f"vitreg has {expected / 1e6:.2f} M: shapes differ"
         print(f"official student: {count / 1e6:.2f} M parameters, {same}", flush=True)
-        step = official.official_step(model, optimizer, ocfg, device, schedules)
+        step = official_dinov2.official_step(model, optimizer, ocfg, device, schedules)
         durations, peak = time_steps(lambda it: step(batches[it % len(batches)], it), args.warmup, args.steps, device)
         impl = adamw_impl(optimizer)
         del model, optimizer  # before the process group goes
@@ -510,16 +498,11 @@ def run_official(args, cfg: DictConfig, batches: list[dict], device: torch.devic
 
 # ------------------------------------------------------------------ report
 def vitreg_student_parameters(cfg: DictConfig) -> int:
-    from vitreg.lit.module import build_objective
-
     with torch.device("meta"):  # shapes only
         return sum(p.numel() for p in build_objective(cfg).student.parameters())
 
 
 def header(args, cfg: DictConfig, device: torch.device, user: list[str]) -> None:
-    from vitreg.config import to_dataclass
-    from vitreg.models.config import ModelConfig
-
     commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip() or "unknown"  # fmt: skip
     where = (
@@ -563,8 +546,6 @@ def run_safely(name: str, run: Callable[[], Result], device: torch.device) -> Re
     try:
         return run()
     except Exception as error:  # any failure of one variant is a result to print
-        import traceback
-
         traceback.print_exc()
         return Result(name, problem=f"failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
     finally:
@@ -625,5 +606,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # official_dinov2 sits next to this script
     raise SystemExit(main(sys.argv[1:]))

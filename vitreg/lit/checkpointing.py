@@ -28,6 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from vitreg.lit.strategies import sharded_checkpoint_problem
 from vitreg.utils.io import atomic_open, checkpoint_metadata, checkpoint_step, load_weights_only
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,6 @@ def readable(path: Path, verify_checksum: bool = False) -> str | None:
     ViT-L checkpoint reads its index, not its gigabytes, unless ``verify_checksum`` (then every tensor
     is read once). A sharded (FSDP2) directory is checked through its metadata and shard count."""
     if Path(path).is_dir():
-        from vitreg.lit.strategies import sharded_checkpoint_problem
-
         return sharded_checkpoint_problem(path)
     try:
         ckpt = checkpoint_metadata(path)

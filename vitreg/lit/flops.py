@@ -13,15 +13,16 @@ import random
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from vitreg.data.collate import mask_fields
 from vitreg.lit.data import multicrop_collator
+from vitreg.lit.module import build_objective
 
 
 def cpu_flash_attention_formulas() -> dict:
     """torch's FLOP counter knows the CUDA SDPA kernels but not the CPU flash kernel; same formulas."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
     aten = torch.ops.aten
     return {
         aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
@@ -48,11 +49,6 @@ def representative_batch(cfg: DictConfig, batch_size: int, seed: int = 0, device
 def step_flops(cfg: DictConfig, batch: dict | None = None, seed: int = 0) -> int:
     """FLOPs of one training step of ``cfg``'s objective on ``batch`` (default: a batch of
     ``data.batch_size_per_device`` images with masks drawn from ``seed``)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from vitreg.lit.module import build_objective
-
     # shapes only: never read a file; SDPA whatever the run's kernel (the same FLOPs; xformers has no CPU kernel)
     cfg = OmegaConf.merge(cfg, {"model": {"pretrained_weights": None, "attn_backend": "sdpa"}})
     batch = representative_batch(cfg, cfg.data.batch_size_per_device, seed) if batch is None else batch

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +37,8 @@ from vitreg.lit.resume import ExactResume, restore_wandb_id
 from vitreg.lit.resume_check import check_resume_config
 from vitreg.lit.strategies import build_strategy
 from vitreg.lit.telemetry import ArtifactTelemetry
+from vitreg.lit.tensorboard_logger import build_tensorboard_logger
+from vitreg.lit.wandb_logger import build_wandb_logger, wandb_loggers
 from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import check_launcher
 from vitreg.runtime.signals import PreemptionHandler, slurm_plugins
@@ -71,12 +74,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
                 )
             )
         elif kind == "tensorboard":
-            from vitreg.lit.tensorboard_logger import build_tensorboard_logger
-
             loggers.append(build_tensorboard_logger(run_dir, resume_step))
         elif kind == "wandb":
-            from vitreg.lit.wandb_logger import build_wandb_logger
-
             loggers.append(build_wandb_logger(cfg, run_dir))
     return loggers or False
 
@@ -84,8 +83,6 @@ def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
 def finish_wandb(trainer: L.Trainer) -> None:
     """Flush and close the W&B run, so its files are complete when pretrain returns (a sweep's next
     job, a test reading the offline run, ``wandb sync``)."""
-    from vitreg.lit.wandb_logger import wandb_loggers
-
     if trainer.is_global_zero:
         for logger in wandb_loggers(trainer):
             logger.experiment.finish()
@@ -125,8 +122,6 @@ def accept_resume(cfg: DictConfig, resume: str) -> int:
 
 def is_global_zero_process() -> bool:
     """Rank 0 before the Trainer exists (from the launcher's environment, as Lightning reads it)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     return getattr(rank_zero_only, "rank", 0) == 0
 
 

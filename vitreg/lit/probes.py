@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from vitreg.data.transforms import eval_transform
+from vitreg.eval.data import eval_loader
 from vitreg.eval.distributed import gather_in_order
 from vitreg.eval.knn import knn_classify
 from vitreg.utils.distributed import all_reduce_many_, rank_and_world
@@ -503,9 +505,6 @@ def source_loader(
     (resize to resolution·256/224, centre crop); split by rank there."""
 
     def make(rank: int, world: int) -> Iterable:
-        from vitreg.data.transforms import eval_transform
-        from vitreg.eval.data import eval_loader
-
         return eval_loader(
             source,
             eval_transform(resolution),

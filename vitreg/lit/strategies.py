@@ -30,6 +30,14 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from vitreg.utils.distributed import broadcast_module_, rank_and_world
 from vitreg.utils.io import fsync_directory, load_weights_only
@@ -91,8 +99,6 @@ def ddp_comm_hook(name: str) -> dict[str, Any]:
     if name == "none":
         return {}
     if name == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         return {"ddp_comm_hook": default_hooks.bf16_compress_hook}
     raise ValueError(f"trainer.ddp.comm_hook must be none or bf16, got {name!r}")
 
@@ -227,12 +233,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         ``named_parameters()``, which is not the order of DINOv2's parameter groups; the groups' own
         ``names`` give the right mapping.
         """
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
         assert self.model is not None and self.lightning_module is not None
         strict = self.lightning_module.strict_loading
         checkpoint = load_weights_only(path, mmap=True)
@@ -265,14 +265,10 @@ def _optimizer_state_by_name(state: dict[str, Any], optimizer, fqn: dict[int, st
 # ---------------------------------------------------------------------------------------------- FSDP2
 def is_sharded(module: nn.Module) -> bool:
     """True when ``module`` or one of its submodules is an FSDP2 (``fully_shard``) module."""
-    from torch.distributed.fsdp import FSDPModule
-
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def _mixed_precision(param_dtype: str, reduce_dtype: str):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
+def _mixed_precision(param_dtype: str, reduce_dtype: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
 
 
@@ -282,8 +278,6 @@ def shard_objective(objective: nn.Module, mesh, fsdp_cfg: DictConfig) -> None:
     Parameter names are unchanged, so ``param_groups`` (layer decay, weight-decay exclusions) and the EMA's
     name matching work on the sharded ``DTensor`` parameters. Build the optimiser afterwards.
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
     if is_sharded(objective):
         return
     # every rank starts from rank 0's weights, as DDP does when it wraps; FSDP2 would keep each rank's own init
@@ -328,9 +322,6 @@ def unsharded_copy(backbone: nn.Module, device: torch.device | str) -> nn.Module
     only (telemetry: its hooks read parameters outside forwards and compute in fp32), at the cost of one
     temporary fp32 replica on rank 0.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
-
     state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank_and_world()[0] != 0:
         return None

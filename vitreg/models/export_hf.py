@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import Tensor
 
@@ -179,23 +180,15 @@ def hf_state_dict(model: VisionTransformer) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError as err:  # transformers and timm both depend on it, so their users have it
-        raise ImportError("reading and writing .safetensors needs `pip install safetensors`") from err
-    return safetensors.torch
-
-
 def save_safetensors(state: Mapping[str, Tensor], path: str | PathLike, metadata: dict | None = None) -> Path:
     """Write ``state`` as a safetensors file, atomically."""
-    data = _safetensors().save(dict(state), metadata={"format": "pt", **(metadata or {})})
+    data = safetensors.torch.save(dict(state), metadata={"format": "pt", **(metadata or {})})
     return atomic_write_bytes(path, data)
 
 
 def load_safetensors(path: str | PathLike) -> dict[str, Tensor]:
     """Tensors of a safetensors file (the format holds raw tensors only: nothing can run from it)."""
-    return _safetensors().load_file(str(path), device="cpu")
+    return safetensors.torch.load_file(str(path), device="cpu")
 
 
 def save_hf_folder(model: VisionTransformer, folder: str | PathLike, architecture: str | None = None) -> dict:

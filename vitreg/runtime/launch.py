@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vitreg.config import ConfigError
 from vitreg.utils.distributed import is_initialized
 
 
@@ -139,8 +140,6 @@ def check_launcher(num_nodes: int, devices: object, env: Mapping[str, str]) -> N
     without a launcher, a SLURM job whose tasks srun never started, or a launcher that started
     another number of processes than ``num_nodes x devices``. One machine without a launcher is
     fine: Lightning spawns its processes itself."""
-    from vitreg.config import ConfigError
-
     launcher = detect_launcher(env)
     if launcher is None:
         if num_nodes > 1:

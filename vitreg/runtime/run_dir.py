@@ -26,6 +26,8 @@ import os
 import re
 from collections.abc import Mapping
 
+from omegaconf import OmegaConf
+
 from vitreg.config import validate_run_name
 
 # Overrides that stay readable when an override_dirname has to be shortened.
@@ -122,8 +124,6 @@ def register_resolvers() -> None:
     """Register ``vitreg.run_dir``, ``vitreg.sweep_dir`` and ``vitreg.overrides`` with OmegaConf
     (idempotent); ``conf/hydra/default.yaml`` uses them for ``hydra.run.dir``, ``hydra.sweep.dir``
     and ``hydra.sweep.subdir``, so Hydra's directories are exactly ``resolve_run_dir``'s."""
-    from omegaconf import OmegaConf
-
     OmegaConf.register_new_resolver("vitreg.run_dir", _run_dir_resolver, replace=True, use_cache=False)
     OmegaConf.register_new_resolver("vitreg.sweep_dir", _sweep_dir_resolver, replace=True, use_cache=False)
     OmegaConf.register_new_resolver("vitreg.overrides", _overrides_resolver, replace=True, use_cache=False)

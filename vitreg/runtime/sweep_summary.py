@@ -23,6 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vitreg.telemetry.store import read_records
 from vitreg.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ def _csv_final_loss(run_dir: Path) -> float | None:
 def _emergence(run_dir: Path, detector: str) -> dict[str, Any] | None:
     """The teacher's emergence layer at its last measurement, and the first step it appeared at (any
     layer); None without telemetry."""
-    from vitreg.telemetry.store import read_records
-
     try:
         records = [r for r in read_records(run_dir) if r.get("model") == "teacher"]
     except (FileNotFoundError, OSError, ValueError):
