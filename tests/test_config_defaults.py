@@ -10,7 +10,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, compose_config
-from vitreg.config import AnalyzeConfig, PretrainConfig
+from vitreg.config import CHOICES, AnalyzeConfig, PretrainConfig
+from vitreg.models.attention import ATTN_BACKENDS
+from vitreg.ssl.config import CENTERINGS, ON_NONFINITE
+from vitreg.ssl.schedules import SCALING_RULES
+from vitreg.telemetry.detectors import DETECTORS
+from vitreg.telemetry.stats import STREAMS
 
 # Groups whose files are not the schema's: Hydra's own settings, and recipes that override on purpose.
 NOT_SCHEMA_GROUPS = ("hydra", "experiment")
@@ -139,3 +144,17 @@ def test_the_composed_default_run_is_the_schema_defaults():
     composed = OmegaConf.to_container(compose_config([]), resolve=False)
     composed["paths"].pop("cache_dir")  # set by the test fixture (a shared cache outside the repository)
     assert not differences(composed, schema_defaults(PretrainConfig), intended={"logger.enabled.csv": "logger=csv"})
+
+
+def test_choice_lists_are_the_owners_own():
+    """A choice list lives with the code that branches on it; the schema checks against that very tuple."""
+    owners = {
+        "model.attn_backend": ATTN_BACKENDS,
+        "ssl.centering": CENTERINGS,
+        "ssl.on_nonfinite": ON_NONFINITE,
+        "optim.scaling_rule": SCALING_RULES,
+        "callbacks.telemetry.detector": DETECTORS,
+        "callbacks.telemetry.stream": STREAMS,
+    }
+    for key, owned in owners.items():
+        assert CHOICES[key] is owned, key
