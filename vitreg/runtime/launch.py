@@ -77,7 +77,7 @@ def init_distributed(device: str | None = None) -> tuple[ProcessInfo, torch.devi
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if info.world > 1 and not dist.is_initialized():
+    if info.world > 1 and not is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=info.rank, world_size=info.world)
     return info, dev
 

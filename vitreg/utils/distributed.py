@@ -3,13 +3,15 @@
 Two families, kept apart on purpose because their callers rely on the difference:
 
 * ``all_reduce_(t, op)`` reduces ONE tensor in place on its own device and returns it, with autograd
-  left as it is. The SSL losses call it on the hot path (``q /= all_reduce_(q.sum())``); ``"mean"`` is a
-  sum then an in-place division, because gloo has no ``ReduceOp.AVG``.
-* ``all_reduce_many_``, ``broadcast_``, ``gather_rows``, ``all_gather_cat`` take tensors wherever they
-  live (CPU counts under nccl included): they travel on the backend's device (``comm_device``), come back
-  on the caller's, and run under ``no_grad``. ``all_reduce_many_`` packs same-dtype tensors into one
-  flat buffer: one collective for many small statistics.
+  left as it is. The SSL losses call it on the hot path (``q /= all_reduce_(q.sum(), "sum")``); ``"mean"``
+  is a sum then an in-place division, because gloo has no ``ReduceOp.AVG``.
+* ``all_reduce_many_``, ``broadcast_``, ``gather_rows`` and ``all_gather_cat`` take tensors wherever they
+  live (CPU counts under nccl included): the tensors travel on the backend's device (the current GPU under
+  nccl) and come back on the caller's. ``all_reduce_many_`` packs same-dtype tensors into one flat buffer
+  (one collective for many small statistics) and, like ``broadcast_``, runs under ``no_grad``.
 
+Besides: ``rank_and_world``, ``gather_objects`` (picklable objects) and ``broadcast_module_`` (weights
+and buffers over a subgroup). Joining and leaving the process group is ``vitreg.runtime.launch``'s job.
 Everything works with gloo on CPU tensors and with nccl on CUDA tensors.
 """
 
@@ -54,7 +56,7 @@ def is_distributed() -> bool:
     return rank_and_world()[1] > 1
 
 
-def comm_device() -> torch.device:
+def _comm_device() -> torch.device:
     """Where tensors must live for the collectives: the current CUDA device under nccl, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -91,7 +93,7 @@ def all_reduce_many_(tensors: Sequence[Tensor], op: str = "sum") -> None:
         for t in tensors:
             all_reduce_many_([t], op)
         return
-    device = comm_device()
+    device = _comm_device()
     flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
     dist.all_reduce(flat, op=reduce_op)
     if op == "mean":
@@ -123,7 +125,7 @@ def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
     """Overwrite every tensor with rank ``src``'s values (in place), e.g. to start classifiers identical."""
     if not is_distributed():
         return
-    device = comm_device()
+    device = _comm_device()
     for t in tensors:
         buffer = t.detach().to(device).contiguous()
         dist.broadcast(buffer, src)
@@ -151,7 +153,7 @@ def gather_rows(t: Tensor) -> Tensor:
         return t
     if t.dim() > 1 + _MAX_DIMS:
         raise ValueError(f"gather_rows handles at most {1 + _MAX_DIMS} dimensions, got a {t.dim()}-d tensor")
-    device = comm_device()
+    device = _comm_device()
     # [rows, ndim, *trailing shape (zero-padded)], so an empty rank learns the shape of the others
     meta = torch.zeros(2 + _MAX_DIMS, dtype=torch.long)
     meta[0], meta[1] = t.shape[0] if t.dim() else 0, max(t.dim() - 1, 0)
@@ -180,7 +182,7 @@ def all_gather_cat(t: Tensor, dim: int = 0) -> Tensor:
     _, world = rank_and_world()
     if world == 1:
         return t
-    device = comm_device()
+    device = _comm_device()
     local = t.to(device).contiguous()
     pieces = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(pieces, local)
