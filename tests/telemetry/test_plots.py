@@ -97,7 +97,7 @@ def test_every_plot_renders(runs):
     last = records[-1]
     maps = read_maps(runs[4], last["step"], "teacher", SIZE)
     probe = synthetic_probe(6, 64, 0, size=SIZE)
-    figures = {
+    made = {
         "hist": plots.norm_histograms(last),
         "hist_post": plots.norm_histograms(last, "postnorm"),
         "quantiles": plots.layer_quantiles(last),
@@ -107,7 +107,7 @@ def test_every_plot_renders(runs):
         "attention_no_images": plots.attention_maps(None, maps),
         "emergence": plots.emergence_heatmap(records),
     }
-    for name, fig in figures.items():
+    for name, fig in made.items():
         array = figures.figure_to_array(fig)
         assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3, name
         assert 150 <= array.shape[0] <= 2000 and 200 <= array.shape[1] <= 2500, (name, array.shape)
