@@ -15,6 +15,7 @@ from PIL import Image
 from vitreg.data.probe import save_probe, synthetic_probe
 from vitreg.models.vision_transformer import build_vit
 from vitreg.telemetry import plots
+from vitreg.telemetry import report as report_module
 from vitreg.telemetry.measure import measure
 from vitreg.telemetry.report import LEGEND, write_report
 from vitreg.telemetry.store import PROBE_IMAGES, TelemetryWriter, read_maps, read_records, telemetry_dir
@@ -200,7 +201,7 @@ def test_report_with_artifacts_without_maps(runs, tmp_path, monkeypatch):
         Path(path).write_bytes(b"")
         return Path(path)
 
-    monkeypatch.setattr(plots, "save", fake_save)
+    monkeypatch.setattr(report_module, "save", fake_save)
     last = read_records(runs[4])[-1]
     out = write_report(tmp_path, with_artifacts(last), None)
     assert len(out["plots"]) == 5 and "attention_maps.png" not in {p.name for p in out["plots"]}
