@@ -91,8 +91,6 @@ def telemetry(cfg: AnalyzeConfig, out: Path) -> None:
         which=cfg.model,
         settings=cfg.telemetry,
         device=cfg.device,
-        attention=cfg.telemetry.attention,
-        chunk_size=cfg.telemetry.chunk_size,
         seed=cfg.seed,
     )
     link_last(out)

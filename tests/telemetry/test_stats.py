@@ -131,8 +131,8 @@ def test_student_in_train_mode_is_measured_in_eval_mode_and_restored():
 
 def test_chunked_measurement_equals_one_batch():
     model = planted_vit(4, patches=PLANTED, block=5)
-    whole, _ = measure(model, probe_images(6), IMG, chunk_size=16)
-    parts, _ = measure(model, probe_images(6), IMG, chunk_size=4)
+    whole, _ = measure(model, probe_images(6), IMG, TelemetrySettings(chunk_size=16))
+    parts, _ = measure(model, probe_images(6), IMG, TelemetrySettings(chunk_size=4))
     assert whole["outliers"] == parts["outliers"]
     for q, values in whole["norms"]["prenorm"]["patch"].items():
         assert values == pytest.approx(parts["norms"]["prenorm"]["patch"][q], rel=1e-5)

@@ -113,15 +113,7 @@ class ArtifactTelemetry(L.Callback):
             if not trainer.is_global_zero:
                 continue
             for res in self.resolutions:
-                record, maps = measure(
-                    backbone,
-                    probe,
-                    res,
-                    self.t,
-                    device=module.device,
-                    attention=self.t.attention,
-                    chunk_size=self.t.chunk_size,
-                )
+                record, maps = measure(backbone, probe, res, self.t, device=module.device)
                 record.update(step=step, model=model)
                 assert self.writer is not None
                 self.writer.write(record, maps)

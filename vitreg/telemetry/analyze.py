@@ -31,8 +31,6 @@ def analyze_checkpoint(
     which: Literal["teacher", "student"] = "teacher",
     settings: TelemetrySettings | None = None,
     device: str | None = None,
-    attention: bool = True,
-    chunk_size: int = 16,
     seed: int = 0,
 ) -> dict:
     """Measure and write the report; returns ``{"reports": {resolution: report paths}, ...}``.
@@ -62,7 +60,7 @@ def analyze_checkpoint(
     name = Path(checkpoint).name
     summary: dict = {"checkpoint": str(checkpoint), "source": loaded.source, "step": loaded.step, "reports": {}}
     for res in resolutions:
-        record, maps = measure(model, probe, res, settings, device=device, attention=attention, chunk_size=chunk_size)
+        record, maps = measure(model, probe, res, settings, device=device)
         record.update(step=loaded.step, model=which, checkpoint=str(checkpoint))  # step: None for official weights
         target = out if len(resolutions) == 1 else out / f"r{res}"
         summary["reports"][res] = write_report(target, record, maps, probe, name=f"{name} @ {res}px")
