@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, compose_config
-from vitreg.config import CHOICES, AnalyzeConfig, PretrainConfig
+from vitreg.config import CHOICES, PretrainConfig
+from vitreg.eval.tasks import AnalyzeConfig
 from vitreg.models.attention import ATTN_BACKENDS
 from vitreg.ssl.config import CENTERINGS, ON_NONFINITE
 from vitreg.ssl.schedules import SCALING_RULES

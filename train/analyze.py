@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vitreg.config import AnalyzeConfig, ConfigError, register_configs, to_dataclass, validate_analyze_config
+from vitreg.config import ConfigError, register_configs, to_dataclass, validate_analyze_config
 from vitreg.eval.progress import set_progress
 from vitreg.eval.summary import summary_lines
-from vitreg.eval.tasks import run_task
+from vitreg.eval.tasks import AnalyzeConfig, run_task
 from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import init_distributed, shutdown_distributed
 from vitreg.runtime.report_dir import default_report_dir, link_last

@@ -19,17 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
-from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vitreg.eval.knn import KNNSettings
 from vitreg.eval.linear import MODES as LINEAR_MODES
-from vitreg.eval.linear import LinearProtocol
-from vitreg.eval.lost import FEATURE_KINDS, NORMALIZATIONS, LostSettings
-from vitreg.eval.occlusion import OcclusionSettings
+from vitreg.eval.lost import FEATURE_KINDS, NORMALIZATIONS
 from vitreg.eval.progress import MODES as PROGRESS_MODES
-from vitreg.eval.tasks import AUTOCAST_DTYPES, TASKS
-from vitreg.eval.token_probes import CLASSIFIERS, FEATURES, FIT_ON, OutlierProbeSettings
+from vitreg.eval.tasks import AUTOCAST_DTYPES, TASKS, AnalyzeConfig
+from vitreg.eval.token_probes import CLASSIFIERS, FEATURES, FIT_ON
 from vitreg.models.attention import ATTN_BACKENDS
 from vitreg.models.config import VIT_SIZES, ModelConfig
 from vitreg.models.layers import FFN_KINDS
@@ -266,46 +263,6 @@ class PretrainConfig:
     resume_allow_changes: list[str] = field(default_factory=list)
     run_id: str | None = None  # run dir <output_root>/<run_name>/<run_id> (vitreg/runtime/run_dir.py)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-
-@dataclass
-class EvalDataConfig:
-    """Labelled images of the kNN, linear and global-probe tasks (vitreg/eval/data.py)."""
-
-    train: str = "synthetic"  # class-folder tree, list file, labelled shards, or synthetic
-    val: str = "synthetic"
-    resolution: int | None = None  # null: the checkpoint's training resolution (224 for official weights)
-    batch_size: int = 64  # per process, for feature extraction
-    num_workers: int = 4
-    limit_train: int | None = None  # the first N images of a source
-    limit_val: int | None = None
-    synthetic_images: int = 2000  # per split, when a source is synthetic
-    synthetic_image_size: int = 64
-    synthetic_classes: int = 10
-
-
-@dataclass
-class AnalyzeConfig:
-    """``train/analyze.py``: statistics and evaluations of any checkpoint (see conf/analyze.yaml)."""
-
-    task: str = "telemetry"  # one of vitreg.eval.tasks.TASKS
-    checkpoint: str = MISSING
-    images: str | None = None
-    num_images: int = 64
-    resolutions: list[int] = field(default_factory=list)
-    model: str = "teacher"
-    out: str | None = None
-    device: str | None = None
-    seed: int = 0
-    autocast: str | None = None  # null: bf16 on CUDA, none on CPU; or float32 | bfloat16 | float16
-    progress: str = "auto"  # auto: a bar on a terminal, lines otherwise | bar | lines | off
-    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    knn: KNNSettings = field(default_factory=KNNSettings)
-    linear: LinearProtocol = field(default_factory=LinearProtocol)
-    lost: LostSettings = field(default_factory=LostSettings)
-    outliers: OutlierProbeSettings = field(default_factory=OutlierProbeSettings)
-    occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
 
 
 def register_configs() -> None:
@@ -747,19 +704,6 @@ def _validate_trainer(c: DictConfig) -> None:
         )
 
 
-__all__ = [
-    "MISSING",
-    "AnalyzeConfig",
-    "ConfigError",
-    "PretrainConfig",
-    "register_configs",
-    "to_dataclass",
-    "validate_analyze_config",
-    "validate_config",
-    "validate_run_name",
-]
-
-
 def validate_analyze_config(c: DictConfig) -> None:
     """Reject analysis configs that cannot work, naming the key and the fix."""
     if c.task not in TASKS:
@@ -768,8 +712,6 @@ def validate_analyze_config(c: DictConfig) -> None:
         _fail("model", f"must be teacher or student, got {c.model!r}")
     if c.num_images < 1:
         _fail("num_images", f"must be >= 1, got {c.num_images}")
-    import os
-
     if not os.path.exists(c.checkpoint):
         _fail("checkpoint", f"no file at {c.checkpoint}")
     if c.images is not None and not os.path.exists(c.images) and "{" not in str(c.images):
@@ -787,8 +729,6 @@ def validate_analyze_config(c: DictConfig) -> None:
 
 
 def _validate_source(key: str, source: str) -> None:
-    import os
-
     if source != "synthetic" and not os.path.exists(source) and "{" not in source:
         _fail(key, f"no class-folder tree, list file or shards at {source}; or use synthetic")
 
@@ -835,11 +775,8 @@ def _validate_eval_sections(c: DictConfig) -> None:
         _fail("lost.normalize", f"must be among {norms}, got {lost.normalize!r} / {list(lost.sweep_normalize)}")
     if lost.k_patches < 1:
         _fail("lost.k_patches", f"must be >= 1, got {lost.k_patches}")
-    if c.task == "lost" and lost.dataset is not None:
-        import os
-
-        if not os.path.exists(lost.dataset):
-            _fail("lost.dataset", f"no VOC folder, .json or .csv at {lost.dataset}; or null for generated images")
+    if c.task == "lost" and lost.dataset is not None and not os.path.exists(lost.dataset):
+        _fail("lost.dataset", f"no VOC folder, .json or .csv at {lost.dataset}; or null for generated images")
     o = c.outliers
     if o.detector not in DETECTORS:
         _fail("outliers.detector", f"must be fixed, robust_z or valley, got {o.detector!r}")

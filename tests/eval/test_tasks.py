@@ -23,9 +23,9 @@ from PIL import Image
 
 from tests.eval.test_lost import checkerboard_image, keyed_vit
 from tests.telemetry.planted import planted_vit
-from vitreg.config import AnalyzeConfig, ConfigError, register_configs, to_dataclass, validate_analyze_config
+from vitreg.config import ConfigError, register_configs, to_dataclass, validate_analyze_config
 from vitreg.eval.summary import summary_lines
-from vitreg.eval.tasks import run_task
+from vitreg.eval.tasks import AnalyzeConfig, run_task
 from vitreg.models.checkpoint import save_dinov2_checkpoint
 from vitreg.models.vision_transformer import build_vit
 

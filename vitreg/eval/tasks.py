@@ -15,27 +15,70 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from vitreg.models.load import LoadedBackbone
+from vitreg.data.probe import image_probe, probe_tensor, synthetic_probe
+from vitreg.data.transforms import eval_transform
+from vitreg.eval.boxes import load_box_dataset
+from vitreg.eval.data import eval_loader
+from vitreg.eval.generated import write_object_images
+from vitreg.eval.knn import KNNSettings, evaluate_knn
+from vitreg.eval.linear import LinearProtocol, LinearSettings, evaluate_linear
+from vitreg.eval.lost import LostSettings, evaluate_lost, plot_lost_examples, sweep_lost
+from vitreg.eval.occlusion import OcclusionSettings, attention_faithfulness, feature_correlation, plot_occlusion
+from vitreg.eval.token_probes import OutlierProbeSettings, collect_tokens, global_probe, local_probes, plot_token_probes
+from vitreg.models.load import LoadedBackbone, load_backbone
+from vitreg.telemetry.stats import TelemetrySettings
 from vitreg.utils.distributed import rank_and_world
 from vitreg.utils.io import atomic_write_bytes, json_ready
-
-if TYPE_CHECKING:  # the run-level configs; vitreg.config imports this module's table
-    from vitreg.config import AnalyzeConfig, EvalDataConfig
-    from vitreg.eval.knn import KNNSettings
-    from vitreg.eval.linear import LinearProtocol
-    from vitreg.eval.lost import LostSettings
-    from vitreg.eval.occlusion import OcclusionSettings
-    from vitreg.eval.token_probes import OutlierProbeSettings
 
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvalDataConfig:
+    """Labelled images of the kNN, linear and global-probe tasks (vitreg/eval/data.py)."""
+
+    train: str = "synthetic"  # class-folder tree, list file, labelled shards, or synthetic
+    val: str = "synthetic"
+    resolution: int | None = None  # null: the checkpoint's training resolution (224 for official weights)
+    batch_size: int = 64  # per process, for feature extraction
+    num_workers: int = 4
+    limit_train: int | None = None  # the first N images of a source
+    limit_val: int | None = None
+    synthetic_images: int = 2000  # per split, when a source is synthetic
+    synthetic_image_size: int = 64
+    synthetic_classes: int = 10
+
+
+@dataclass
+class AnalyzeConfig:
+    """``train/analyze.py``: statistics and evaluations of any checkpoint (see conf/analyze.yaml)."""
+
+    task: str = "telemetry"  # one of vitreg.eval.tasks.TASKS
+    checkpoint: str = "???"  # OmegaConf's MISSING: the run refuses to start without it
+    images: str | None = None
+    num_images: int = 64
+    resolutions: list[int] = field(default_factory=list)
+    model: str = "teacher"
+    out: str | None = None
+    device: str | None = None
+    seed: int = 0
+    autocast: str | None = None  # null: bf16 on CUDA, none on CPU; or float32 | bfloat16 | float16
+    progress: str = "auto"  # auto: a bar on a terminal, lines otherwise | bar | lines | off
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    knn: KNNSettings = field(default_factory=KNNSettings)
+    linear: LinearProtocol = field(default_factory=LinearProtocol)
+    lost: LostSettings = field(default_factory=LostSettings)
+    outliers: OutlierProbeSettings = field(default_factory=OutlierProbeSettings)
+    occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
 
 
 def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
@@ -118,9 +161,6 @@ def run_knn(
     seed: int = 0,
 ) -> dict:
     """DINOv2's kNN (``vitreg.eval.knn``) on the final-norm CLS of ``data.train`` (bank) and ``data.val``."""
-    from vitreg.data.transforms import eval_transform
-    from vitreg.eval.data import eval_loader
-    from vitreg.eval.knn import evaluate_knn
 
     resolution = eval_resolution(data.resolution, loaded)
     loaders = [
@@ -154,7 +194,6 @@ def run_linear(
     seed: int = 0,
 ) -> dict:
     """DINOv2's linear protocol (``vitreg.eval.linear``); the best classifier goes to ``linear_best.pt``."""
-    from vitreg.eval.linear import LinearSettings, evaluate_linear
 
     resolution = eval_resolution(data.resolution, loaded)
     settings = LinearSettings(**vars(linear), seed=seed, resolution=resolution)
@@ -179,9 +218,6 @@ def run_lost(
     loaded: LoadedBackbone, lost: LostSettings, out_dir: str | os.PathLike, *, device: torch.device, seed: int = 0
 ) -> dict:
     """LOST + CorLoc (``vitreg.eval.lost``) on ``lost.dataset`` or generated images, plus an example PNG."""
-    from vitreg.eval.boxes import load_box_dataset
-    from vitreg.eval.generated import write_object_images
-    from vitreg.eval.lost import evaluate_lost, plot_lost_examples, sweep_lost
 
     out = Path(out_dir)
     if lost.dataset is None:
@@ -222,7 +258,6 @@ def probe_images(
 ) -> tuple[torch.Tensor, int]:
     """Normalised (N, 3, R, R) images of the label-free analyses: the first ``num_images`` of a folder,
     shards or an image, or held-out synthetic images — the same inputs as the telemetry report."""
-    from vitreg.data.probe import image_probe, probe_tensor, synthetic_probe
 
     resolution = eval_resolution(resolution, loaded)
     if images is None:
@@ -254,7 +289,6 @@ def run_local(
     seed: int = 0,
 ) -> dict:
     """Fig. 5b: linear position and pixel-reconstruction probes for normal vs outlier patch tokens."""
-    from vitreg.eval.token_probes import collect_tokens, local_probes, plot_token_probes
 
     batch, resolution = probe_images(loaded, images, num_images, data.resolution, seed)
     tokens = collect_tokens(loaded.model, batch.to(device), **_detector_kwargs(outliers))
@@ -282,9 +316,6 @@ def run_global(
 ) -> dict:
     """Table 1: classify the image label from one token (CLS, a normal patch, an outlier, each register),
     on the labelled ``data.train`` images split by image into train and test."""
-    from vitreg.data.transforms import eval_transform
-    from vitreg.eval.data import eval_loader
-    from vitreg.eval.token_probes import collect_tokens, global_probe, plot_token_probes
 
     resolution = eval_resolution(data.resolution, loaded)
     loader = eval_loader(
@@ -332,7 +363,6 @@ def run_occlusion(
     seed: int = 0,
 ) -> dict:
     """Naseer et al.: clean-vs-PatchDrop feature correlation per layer, and attention faithfulness."""
-    from vitreg.eval.occlusion import attention_faithfulness, feature_correlation, plot_occlusion
 
     batch, resolution = probe_images(loaded, images, num_images, data.resolution, seed)
     batch = batch.to(device)
@@ -428,7 +458,6 @@ def run_task(cfg: AnalyzeConfig, out_dir: str | os.PathLike, device: torch.devic
     """Run the evaluation ``cfg.task`` on ``cfg.checkpoint``; every process takes part (kNN and linear split
     their images over the processes), the main one writes ``<out_dir>/<task>.json``. Returns (that path,
     the payload)."""
-    from vitreg.models.load import load_backbone
 
     if cfg.task not in EVALUATIONS:
         raise ValueError(f"task={cfg.task!r} is not an evaluation task; use one of {', '.join(EVALUATIONS)}")
