@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vitreg.models.attention import ATTN_BACKENDS
@@ -181,11 +182,22 @@ class ModelConfig:
     attn_backend: str = "auto"  # one of ATTN_BACKENDS
     pretrained_weights: str | None = None  # an official DINOv2 backbone file, loaded into the student
 
-    def vit_config(self, img_size: int) -> ViTConfig:
+    def vit_config(self, img_size: int, **dimensions) -> ViTConfig:
         """The backbone of this size with these overrides, its positional table stored at ``img_size``
-        (a training run: the global-crop size, as DINOv2 does, so global crops need no interpolation)."""
+        (a training run: the global-crop size, as DINOv2 does, so global crops need no interpolation).
+        ``dimensions``: further ``ViTConfig`` fields this group does not hold (``embed_dim``, ``depth``, ...)."""
         names = {f.name for f in dataclasses.fields(ViTConfig)}
         overrides = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
         if overrides.get("ffn_layer") is None:
             overrides.pop("ffn_layer")
-        return vit_config(self.arch, img_size=img_size, **overrides)
+        return vit_config(self.arch, img_size=img_size, **overrides, **dimensions)
+
+    @classmethod
+    def split(cls, settings: Mapping) -> tuple[ModelConfig, dict]:
+        """A saved ``model`` group (plus overrides) as this class and the further ``ViTConfig`` fields it
+        carries; keys that are neither (written by another version) are left out, as before."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        vit = {f.name for f in dataclasses.fields(ViTConfig)}
+        return cls(**{k: v for k, v in settings.items() if k in own}), {
+            k: v for k, v in settings.items() if k in vit and k not in own
+        }

@@ -44,7 +44,8 @@ def load_backbone(
     cfg = hparams.get("cfg") if isinstance(hparams, dict) else None
     if isinstance(cfg, dict) and "model" in cfg and "augment" in cfg:
         resolution = int(cfg["augment"]["global_crops_size"])
-        vit_cfg = ModelConfig(**{**cfg["model"], **overrides}).vit_config(resolution)
+        model_cfg, dimensions = ModelConfig.split({**cfg["model"], **overrides})
+        vit_cfg = model_cfg.vit_config(resolution, **dimensions)
         model = VisionTransformer(vit_cfg)
         source, step = "vitreg", checkpoint.get("global_step")
     else:
