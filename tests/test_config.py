@@ -113,6 +113,7 @@ MISTAKES = [
     (["model.arch=vith"], "model.arch"),
     (["model.ffn_layer=geglu"], "model.ffn_layer"),
     (["model.attn_backend=flash"], "model.attn_backend"),
+    (["model.attn_bias=qkv"], "model.attn_bias"),
     (["model.drop_path_rate=1.0"], "model.drop_path_rate"),
     (["model.drop_path_rate=-0.1"], "model.drop_path_rate"),
     (["model.register_init_std=-0.02"], "model.register_init_std"),

@@ -27,7 +27,7 @@ from vitreg.eval.lost import FEATURE_KINDS, NORMALIZATIONS
 from vitreg.eval.progress import MODES as PROGRESS_MODES
 from vitreg.eval.tasks import AUTOCAST_DTYPES, TASKS, AnalyzeConfig
 from vitreg.eval.token_probes import CLASSIFIERS, FEATURES, FIT_ON
-from vitreg.models.attention import ATTN_BACKENDS
+from vitreg.models.attention import ATTN_BACKENDS, ATTN_BIASES
 from vitreg.models.config import VIT_SIZES, ModelConfig
 from vitreg.models.layers import FFN_KINDS
 from vitreg.ssl.config import CENTERINGS, ON_NONFINITE, OptimConfig, SSLConfig
@@ -288,6 +288,7 @@ CHOICES = {
     "logger.kind": (None, *LOGGERS, "none"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "model.attn_backend": ATTN_BACKENDS,
+    "model.attn_bias": ATTN_BIASES,
     "data.name": ("synthetic", "webdataset"),
     "data.webdataset.missing_shards": (None, "error", "warn"),
     "resume": ("auto", "never"),

@@ -208,3 +208,21 @@ def test_uniform_cls_attention_has_entropy_one():
     att = _attention(cap, torch.zeros(2, 4, dtype=torch.bool))
     assert att["cls_entropy"][1] == pytest.approx(1.0)
     assert att["cls_to_outliers"][1] == 0.0
+
+
+def test_the_attention_bias_sink_is_measured_like_a_register():
+    from vitreg.models.vision_transformer import build_vit
+
+    torch.manual_seed(0)
+    model = build_vit("vitt", depth=2, num_register_tokens=0, img_size=IMG, attn_bias="kv").eval()
+    with torch.no_grad():  # the last block's queries all point along the sink's key: (nearly) all mass goes there
+        attn = model.blocks[1].attn
+        attn.qkv.bias[: model.embed_dim].fill_(5.0)
+        attn.sink_key.fill_(5.0)
+    record, _ = measure(model, probe_images(2), IMG)
+    attention = record["attention"]
+    assert attention["cls_to_sink"][0] is None  # layer 0 has no attention
+    assert attention["cls_to_sink"][2] > 0.99 and attention["all_to_sink"][2] > 0.99
+    assert 0 < attention["all_to_sink"][1] < 0.99  # the first block's zero sink takes its exp(0) share
+    plain, _ = measure(planted_vit(0), probe_images(2), IMG)
+    assert set(plain["attention"]["cls_to_sink"]) == {None}

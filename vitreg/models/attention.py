@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 AttnBackend = Literal["auto", "sdpa", "xformers", "math"]
 ATTN_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "xformers", "math")
+# "kv": a learned key and value per head that every query can attend to (an attention-bias sink, Sun et al.
+# 2024; DINOv3 appendix A compares it with registers); it has no query and produces no output token.
+ATTN_BIASES: tuple[str, ...] = ("none", "kv")
 
 
 @functools.cache
@@ -114,16 +117,23 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         proj_bias: bool = True,
         backend: str = "sdpa",
+        attn_bias: str = "none",
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if attn_bias not in ATTN_BIASES:
+            raise ValueError(f"attn_bias must be one of {list(ATTN_BIASES)}, got {attn_bias!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend = check_backend(backend)
         self.kernels: dict[str, str] = {}  # device type -> the kernel ``backend`` resolved to there
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        # The sink starts at zero key and zero value: it takes softmax mass exp(0) / (Z + 1) and gives nothing,
+        # so a fresh model differs from the plain one only by that renormalisation (see ``with_sink``).
+        self.sink_key = nn.Parameter(torch.zeros(num_heads, self.head_dim)) if attn_bias == "kv" else None
+        self.sink_value = nn.Parameter(torch.zeros(num_heads, self.head_dim)) if attn_bias == "kv" else None
 
     def kernel(self, device: torch.device) -> str:
         """The kernel this layer runs on ``device``: resolved on first use, then read from ``kernels``."""
@@ -152,18 +162,28 @@ class Attention(nn.Module):
         outs = []
         for chunk, (b, n) in zip(qkv.split([b * n for b, n in groups]), groups, strict=True):
             q, k, v = chunk.reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+            k, v = self.with_sink(k, v)
             outs.append(multihead_attention(q, k, v, backend).reshape(b * n, -1))
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
-    def attention_probs(self, x: Tensor) -> Tensor:
-        """Attention probabilities (B, H, N, N) for input ``x`` (B, N, D), through the math path. For
-        inspection (telemetry): the fused kernels used in training never materialise them."""
-        q, k, _ = (t.transpose(1, 2) for t in self._qkv(x))
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    def with_sink(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, N, H, d) with the sink's appended as key/value N (one more than the queries):
+        every query can put attention on it; it has no query, so the output keeps N tokens."""
+        if self.sink_key is None:
+            return k, v
+        b = k.shape[0]
+        sink_k = self.sink_key.to(k.dtype).expand(b, 1, -1, -1)
+        sink_v = self.sink_value.to(v.dtype).expand(b, 1, -1, -1)
+        return torch.cat([k, sink_k], dim=1), torch.cat([v, sink_v], dim=1)
 
-    def forward_with_probs(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Math-path attention that also returns the probabilities (B, H, N, N)."""
-        q, k, v = (t.transpose(1, 2) for t in self._qkv(x))
-        out, probs = math_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(x.shape)), probs
+    def attention_probs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Attention probabilities for input ``x`` (B, N, D), through the math path: over the tokens
+        (B, H, N, N), and on the sink (B, H, N) or None without one. For inspection (telemetry): the fused
+        kernels used in training never materialise them."""
+        q, k, v = self._qkv(x)
+        k, _ = self.with_sink(k, v)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        n = x.shape[1]
+        return probs[..., :n], (probs[..., n] if self.sink_key is not None else None)

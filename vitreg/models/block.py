@@ -60,10 +60,11 @@ class Block(nn.Module):
         layerscale_init: float | None = 1e-5,
         drop_path: float = 0.0,
         attn_backend: str = "sdpa",
+        attn_bias: str = "none",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, backend=attn_backend)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, backend=attn_backend, attn_bias=attn_bias)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = make_ffn(ffn_layer, dim, ffn_hidden_dim, ffn_bias)
@@ -84,15 +85,16 @@ class Block(nn.Module):
         tokens = self._add_residual(tokens, groups, self._attn_residual, nested)
         return self._add_residual(tokens, groups, self._ffn_residual, nested)
 
-    def inspect(self, x: Tensor, attention: bool, qkv: bool) -> tuple[Tensor | None, Tensor | None]:
+    def inspect(self, x: Tensor, attention: bool, qkv: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """What this block's attention sees for input ``x`` (B, N, D), computed beside the forward (which
-        runs as configured): the probabilities (B, H, N, N) through the math path, and the qkv projection
-        (B, N, 3, D) with heads concatenated in each of q, k, v. Either is None unless asked for."""
+        runs as configured): the probabilities over the tokens (B, H, N, N) and on the attention-bias sink
+        (B, H, N; None without one) through the math path, and the qkv projection (B, N, 3, D) with heads
+        concatenated in each of q, k, v. Each is None unless asked for."""
         b, n, d = x.shape
         normed = self.norm1(x.reshape(b * n, d))  # as the forward normalises: on the packed rows
-        probs = self.attn.attention_probs(normed.view(b, n, d)) if attention else None
+        probs, sink = self.attn.attention_probs(normed.view(b, n, d)) if attention else (None, None)
         projected = self.attn.qkv(normed).view(b, n, 3, d) if qkv else None
-        return probs, projected
+        return probs, sink, projected
 
     def _attn_residual(self, tokens: Tensor, groups: Groups) -> Tensor:
         return self.ls1(self.attn.forward_groups(self.norm1(tokens), groups))

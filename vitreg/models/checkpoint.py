@@ -97,6 +97,13 @@ def extract_backbone_state_dict(
     return cleaned
 
 
+def _num_heads(sd: Mapping[str, Tensor], dim: int) -> int | None:
+    """An attention-bias sink stores one key per head (H, d); otherwise DINOv2's 64-dim heads are assumed."""
+    if "blocks.0.attn.sink_key" in sd:
+        return sd["blocks.0.attn.sink_key"].shape[0]
+    return dim // DINOV2_HEAD_DIM if dim % DINOV2_HEAD_DIM == 0 else None
+
+
 def infer_vit_config(state_dict: Mapping[str, Tensor], **overrides) -> ViTConfig:
     """Size, patch size, registers, FFN kind, biases, LayerScale and pos-embed grid from the tensors.
 
@@ -122,7 +129,7 @@ def infer_vit_config(state_dict: Mapping[str, Tensor], **overrides) -> ViTConfig
     inferred = {
         "embed_dim": dim,
         "depth": max(block_ids) + 1,
-        "num_heads": dim // DINOV2_HEAD_DIM if dim % DINOV2_HEAD_DIM == 0 else None,
+        "num_heads": _num_heads(sd, dim),
         "patch_size": patch,
         "img_size": side * patch,
         "in_chans": proj.shape[1],
@@ -135,6 +142,7 @@ def infer_vit_config(state_dict: Mapping[str, Tensor], **overrides) -> ViTConfig
         "register_pos_embed": "register_pos_embed" in sd,
         # The value is overwritten by the checkpoint; only presence matters (hub models use 1.0).
         "layerscale_init": 1.0 if "blocks.0.ls1.gamma" in sd else None,
+        "attn_bias": "kv" if "blocks.0.attn.sink_key" in sd else "none",
     }
     merged = {**inferred, **overrides}
     if merged["num_heads"] is None:
@@ -206,6 +214,12 @@ def export_dinov2_state_dict(model: VisionTransformer, layout: Layout = "hub", b
         raise ValueError(
             "this model has register positional embeddings (model.register_pos_embed=true), "
             "which official DINOv2 has no key for; it cannot be exported to a DINOv2 layout"
+        )
+    if model.cfg.attn_bias != "none":
+        raise ValueError(
+            f"this model has attention-bias sinks (model.attn_bias={model.cfg.attn_bias}), learned keys and values "
+            "official DINOv2's attention has no place for; it cannot be exported to a DINOv2 layout. "
+            "Load it from its vitreg checkpoint with vitreg.models.load_backbone instead"
         )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if layout == "chunked":

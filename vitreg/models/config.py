@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vitreg.models.attention import ATTN_BACKENDS
+from vitreg.models.attention import ATTN_BACKENDS, ATTN_BIASES
 from vitreg.models.layers import FFN_KINDS, ffn_hidden_dim
 
 # Sizes by name. vitt is ours (CPU tests and demos); the rest are DINOv2's vit_small/base/large/giant2.
@@ -50,6 +50,7 @@ class ViTConfig:
     interpolate_antialias: bool | None = None
     interpolate_offset: float | None = None
     attn_backend: str = "sdpa"  # "auto" | "sdpa" | "xformers" | "math"
+    attn_bias: str = "none"  # "kv": a learned key/value sink per layer and head (an alternative to registers)
 
     def __post_init__(self) -> None:
         validate_vit_config(self)
@@ -120,6 +121,11 @@ def validate_vit_config(cfg: ViTConfig) -> None:
         "attn_backend",
         f"must be one of {list(ATTN_BACKENDS)}, got {cfg.attn_backend!r}",
     )
+    _require(
+        cfg.attn_bias in ATTN_BIASES,
+        "attn_bias",
+        f"must be one of {list(ATTN_BIASES)} (kv: a learned key/value attention sink), got {cfg.attn_bias!r}",
+    )
     _require(0.0 <= cfg.drop_path_rate < 1.0, "drop_path_rate", f"must be in [0, 1), got {cfg.drop_path_rate}")
     _require(cfg.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {cfg.mlp_ratio}")
     _require(
@@ -180,6 +186,7 @@ class ModelConfig:
     register_pos_embed: bool = ViTConfig.register_pos_embed  # ablation: learned positions for registers
     register_init_std: float = ViTConfig.register_init_std  # DINOv2; 0.02 as DINOv3 separates registers sooner
     attn_backend: str = "auto"  # one of ATTN_BACKENDS
+    attn_bias: str = ViTConfig.attn_bias  # one of ATTN_BIASES: none, or kv (a learned key/value sink per head)
     pretrained_weights: str | None = None  # an official DINOv2 backbone file, loaded into the student
 
     def vit_config(self, img_size: int, **dimensions) -> ViTConfig:

@@ -112,6 +112,8 @@ def hf_config(cfg: ViTConfig, architecture: str | None = None) -> dict:
     architecture = architecture or hf_architecture(cfg)
     if cfg.register_pos_embed:
         raise ExportError("register positional embeddings (model.register_pos_embed=true) have no HF equivalent")
+    if cfg.attn_bias != "none":
+        raise ExportError(f"attention-bias sinks (model.attn_bias={cfg.attn_bias}) have no HF equivalent")
     ratio = integer_mlp_ratio(cfg.embed_dim, cfg.hidden_dim, cfg.ffn_layer)
     if ratio is None:  # HF derives the FFN width from an integer mlp_ratio; it has no intermediate_size
         raise ExportError(

@@ -63,6 +63,8 @@ def timm_kwargs(cfg: ViTConfig) -> dict[str, object]:
     """``timm.create_model`` keyword arguments that rebuild ``cfg`` (classes as ``Code``)."""
     if cfg.register_pos_embed:
         raise ExportError("register positional embeddings (model.register_pos_embed=true) have no timm equivalent")
+    if cfg.attn_bias != "none":
+        raise ExportError(f"attention-bias sinks (model.attn_bias={cfg.attn_bias}) have no timm equivalent")
     swiglu = cfg.ffn_layer == "swiglu"
     fc1_width = 2 * cfg.hidden_dim if swiglu else cfg.hidden_dim
     kwargs: dict[str, object] = {

@@ -49,6 +49,7 @@ class VisionTransformer(nn.Module):
                 cfg.layerscale_init,
                 rate,
                 cfg.attn_backend,
+                cfg.attn_bias,
             )
             for rate in cfg.drop_path_rates()
         )
@@ -242,9 +243,11 @@ class VisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks[:depth]):
             want_probs = attention is True or (attention is not False and i in attention)
             want_qkv = qkv is True or (qkv is not False and i in qkv)
-            probs, projected = blk.inspect(tokens, want_probs, want_qkv) if want_probs or want_qkv else (None, None)
+            probs, sink, projected = (
+                blk.inspect(tokens, want_probs, want_qkv) if want_probs or want_qkv else (None,) * 3
+            )
             tokens = blk(tokens)
-            yield Layer(i + 1, tokens, probs, projected)
+            yield Layer(i + 1, tokens, probs, projected, sink)
 
     def forward_intermediates(
         self,
@@ -315,6 +318,7 @@ class Layer:
     tokens: Tensor  # (B, T, D) in the layout [CLS, registers, patches]
     attention: Tensor | None = None  # (B, H, T, T) probabilities inside block index - 1
     qkv: Tensor | None = None  # (B, T, 3, D): q, k, v of block index - 1, heads concatenated
+    sink_attention: Tensor | None = None  # (B, H, T) probability each query puts on the attention-bias sink
 
 
 def build_vit(name: str | ViTConfig, **overrides) -> VisionTransformer:

@@ -30,6 +30,7 @@ class LayerCapture:
     cls_attention: Tensor | None = None  # (B, H, T) CLS query -> all tokens, of this layer's block
     received_attention: Tensor | None = None  # (B, H, T) attention each token receives, mean over queries
     register_attention: Tensor | None = None  # (B, R, T) register queries -> all tokens, mean over heads
+    sink_attention: Tensor | None = None  # (B, H, T) mass each query puts on the attention-bias sink (model.attn_bias)
 
 
 @dataclass
@@ -105,6 +106,8 @@ def capture(backbone: nn.Module, images: Tensor, attention: bool = True) -> Capt
                 reduced.cls_attention = layout.cls(probs, dim=2).cpu()
                 reduced.received_attention = probs.mean(dim=2).cpu()
                 reduced.register_attention = layout.registers(probs, dim=2).mean(dim=1).cpu()
+                if layer.sink_attention is not None:
+                    reduced.sink_attention = layer.sink_attention.float().cpu()
             layers.append(reduced)
     registers = getattr(backbone, "register_tokens", None)
     return Capture(
@@ -138,6 +141,7 @@ def merge_captures(parts: list[Capture]) -> Capture:
                 cls_attention=_cat([c.cls_attention for c in per_chunk]),
                 received_attention=_cat([c.received_attention for c in per_chunk]),
                 register_attention=_cat([c.register_attention for c in per_chunk]),
+                sink_attention=_cat([c.sink_attention for c in per_chunk]),
             )
         )
     first = parts[0]

@@ -122,6 +122,7 @@ def _attention(cap: Capture, outlier_mask: Tensor) -> dict[str, list[float | Non
     patch, reg = cap.layout.patches_slice, cap.layout.registers_slice
     keys = ("cls_entropy", "cls_to_cls", "cls_to_registers", "cls_to_outliers", "cls_to_normals")
     keys += ("all_to_cls", "all_to_registers", "all_to_outliers", "all_to_normals", "heads_argmax_outlier_or_register")
+    keys += ("cls_to_sink", "all_to_sink")  # the attention-bias sink (model.attn_bias=kv); None without one
     out: dict[str, list[float | None]] = {key: [None] for key in keys}  # layer 0 has no attention
     outlier = outlier_mask.float()[:, None]  # (B, 1, P)
     normal = 1.0 - outlier
@@ -136,6 +137,9 @@ def _attention(cap: Capture, outlier_mask: Tensor) -> dict[str, list[float | Non
             out[f"{prefix}_to_registers"].append(float(att[..., reg].sum(-1).mean()))
             out[f"{prefix}_to_outliers"].append(float((patches * outlier).sum(-1).mean()))
             out[f"{prefix}_to_normals"].append(float((patches * normal).sum(-1).mean()))
+        sink = layer.sink_attention  # (B, H, T): each query's mass on the sink, like a register's
+        out["cls_to_sink"].append(float(sink[..., 0].mean()) if sink is not None else None)
+        out["all_to_sink"].append(float(sink.mean()) if sink is not None else None)
         out["cls_entropy"].append(float(_entropy(layer.cls_attention[..., patch]).mean()))
         # a head "sinks" when the CLS query's strongest key is a register or an outlier patch
         top = layer.cls_attention[..., 1:].argmax(-1)  # (B, H) over registers + patches
