@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.telemetry.planted import GRID, IMG, planted_vit, probe_images
+from vitreg.data.probe import probe_tensor
 from vitreg.telemetry.capture import Capture, LayerCapture, capture, neighbour_cosine
 from vitreg.telemetry.measure import measure
 from vitreg.telemetry.stats import HIST_EDGES, TelemetrySettings, compute_statistics
@@ -166,13 +167,17 @@ def test_planted_outliers_are_more_redundant_when_their_patches_repeat_their_nei
 def fake_capture(cls_rows: torch.Tensor, received: torch.Tensor, num_registers: int, grid=(1, 4)) -> Capture:
     b, _, t = cls_rows.shape
     norms = torch.ones(b, t)
-    layer0 = LayerCapture(norms, norms, torch.zeros(b, 1 + num_registers, 2), 1.0, 1.0)
+    layer0 = LayerCapture(
+        norms, norms, torch.zeros(b, 1 + num_registers, 2), 1.0, 1.0, torch.zeros(b), torch.ones(b, 2)
+    )
     layer1 = LayerCapture(
         norms,
         norms,
         torch.zeros(b, 1 + num_registers, 2),
         1.0,
         1.0,
+        torch.zeros(b),
+        torch.ones(b, 2),
         cls_rows,
         received,
         torch.zeros(b, num_registers, t),
@@ -226,3 +231,25 @@ def test_the_attention_bias_sink_is_measured_like_a_register():
     assert 0 < attention["all_to_sink"][1] < 0.99  # the first block's zero sink takes its exp(0) share
     plain, _ = measure(planted_vit(0), probe_images(2), IMG)
     assert set(plain["attention"]["cls_to_sink"]) == {None}
+
+
+def test_cls_patch_cosine_is_the_output_cosine_and_a_planted_channel_is_found():
+    from vitreg.models.vision_transformer import build_vit
+
+    torch.manual_seed(0)
+    model = build_vit("vitt", depth=2, num_register_tokens=2, img_size=IMG).eval()
+    images = probe_images(3)
+    record, _ = measure(model, images, IMG)
+    with torch.no_grad():
+        out = model.forward_features(probe_tensor(images, IMG))
+    cls = torch.nn.functional.normalize(out["x_norm_clstoken"], dim=-1)
+    patches = torch.nn.functional.normalize(out["x_norm_patchtokens"], dim=-1)
+    expected = float((patches @ cls.unsqueeze(-1)).mean())
+    assert record["cls_patch_cosine"][-1] == pytest.approx(expected, abs=1e-6)
+    assert record["channel_outliers"]["count"] == [0, 0, 0]  # a random model has no outlying channel
+    with torch.no_grad():  # channel 7 carries a constant through the residual stream, in every token
+        model.pos_embed[..., 7] += 50.0
+    planted, _ = measure(model, images, IMG)
+    assert planted["channel_outliers"]["count"] == [1, 1, 1]
+    assert planted["channel_outliers"]["last_layer_channels"] == [7]
+    assert min(planted["channel_outliers"]["max_ratio"]) > 10

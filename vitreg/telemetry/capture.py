@@ -27,6 +27,8 @@ class LayerCapture:
     prefix_postnorm: Tensor  # (B, 1 + R, D) CLS and registers after the final LayerNorm
     max_abs_activation: float  # the largest |x| over patch tokens and channels (massive activations)
     median_abs_activation: float
+    cls_patch_cosine: Tensor  # (B,) mean cosine of CLS with each patch after the final LayerNorm (locality drift)
+    channel_mean_abs: Tensor  # (B, D) mean |x| of each channel over the patch tokens (channel outliers)
     cls_attention: Tensor | None = None  # (B, H, T) CLS query -> all tokens, of this layer's block
     received_attention: Tensor | None = None  # (B, H, T) attention each token receives, mean over queries
     register_attention: Tensor | None = None  # (B, R, T) register queries -> all tokens, mean over heads
@@ -79,12 +81,15 @@ def _reduce_layer(backbone: nn.Module, x: Tensor, layout: TokenLayout) -> LayerC
     x = x.float()
     post = backbone.norm(x).float()
     patches = layout.patches(x).abs()
+    unit = torch.nn.functional.normalize(post, dim=-1)
     return LayerCapture(
         prenorm_norms=x.norm(dim=-1).cpu(),
         postnorm_norms=post.norm(dim=-1).cpu(),
         prefix_postnorm=layout.prefix(post).cpu(),
         max_abs_activation=float(patches.max()) if patches.numel() else 0.0,
         median_abs_activation=float(patches.median()) if patches.numel() else 0.0,
+        cls_patch_cosine=(layout.patches(unit) @ layout.cls(unit).unsqueeze(-1)).squeeze(-1).mean(1).cpu(),
+        channel_mean_abs=patches.mean(1).cpu(),
     )
 
 
@@ -138,6 +143,8 @@ def merge_captures(parts: list[Capture]) -> Capture:
                 prefix_postnorm=torch.cat([c.prefix_postnorm for c in per_chunk]),
                 max_abs_activation=max(c.max_abs_activation for c in per_chunk),
                 median_abs_activation=float(torch.tensor([c.median_abs_activation for c in per_chunk]).median()),
+                cls_patch_cosine=torch.cat([c.cls_patch_cosine for c in per_chunk]),
+                channel_mean_abs=torch.cat([c.channel_mean_abs for c in per_chunk]),
                 cls_attention=_cat([c.cls_attention for c in per_chunk]),
                 received_attention=_cat([c.received_attention for c in per_chunk]),
                 register_attention=_cat([c.register_attention for c in per_chunk]),

@@ -38,6 +38,9 @@ class TelemetrySettings:
     robust_z: float = DetectorSettings.robust_z
     emergence_fraction: float = 0.005  # a layer "has artifacts" when its outlier fraction exceeds this
     identical_cosine: float = 0.99  # registers this similar (mean over images) are flagged identical
+    # a channel whose mean |x| over patches and images exceeds this many times the median channel's is an outlier
+    # (DINOv3 appendix A.2: a few channels grow with depth and training, constant over patches and images)
+    channel_outlier_ratio: float = 10.0
     num_maps: int = 4  # probe images whose per-patch maps are kept for pictures
     chunk_size: int = 16  # images per probe forward (bounds the recomputed attention's memory)
 
@@ -111,6 +114,20 @@ def _outliers(cap: Capture, s: TelemetrySettings) -> tuple[dict, dict[str, list[
             reg_mask = norms[:, reg] > thr
             summary[name]["register_fraction"].append(float(reg_mask.float().mean()) if cap.num_registers else None)
     return summary, masks
+
+
+def _channel_outliers(cap: Capture, ratio: float) -> dict:
+    """Per layer: how many channels have a mean |x| over patches and images above ``ratio`` times the median
+    channel's, the largest such ratio, and which channels (the last layer's, largest first)."""
+    counts, peaks, last = [], [], []
+    for layer in cap.layers:
+        per_channel = layer.channel_mean_abs.mean(0)  # (D,)
+        relative = per_channel / per_channel.median().clamp(min=1e-12)
+        outlying = (relative > ratio).nonzero().flatten()
+        counts.append(int(outlying.numel()))
+        peaks.append(float(relative.max()))
+        last = outlying[relative[outlying].argsort(descending=True)].tolist()
+    return {"count": counts, "max_ratio": peaks, "last_layer_channels": last}
 
 
 def _emergence(fractions: list[float], epsilon: float) -> int | None:
@@ -211,6 +228,7 @@ def compute_statistics(cap: Capture, s: TelemetrySettings | None = None) -> tupl
         "settings": {
             "emergence_fraction": s.emergence_fraction,
             "identical_cosine": s.identical_cosine,
+            "channel_outlier_ratio": s.channel_outlier_ratio,
             **dataclasses.asdict(s.detectors),
         },
         "norms": {"prenorm": _norm_summary(cap, "prenorm"), "postnorm": _norm_summary(cap, "postnorm")},
@@ -223,6 +241,9 @@ def compute_statistics(cap: Capture, s: TelemetrySettings | None = None) -> tupl
             layer.max_abs_activation / max(layer.median_abs_activation, 1e-12) for layer in cap.layers
         ],
         "position_frequency": position_frequency.tolist(),
+        # the locality drift DINOv3 made Gram anchoring for (its sec. 4.1): CLS and patches grow alike
+        "cls_patch_cosine": [float(layer.cls_patch_cosine.mean()) for layer in cap.layers],
+        "channel_outliers": _channel_outliers(cap, s.channel_outlier_ratio),
         "redundancy": {
             "outlier_neighbour_cosine": float(cos[last_mask].mean()) if last_mask.any() else None,
             "normal_neighbour_cosine": float(cos[~last_mask].mean()) if (~last_mask).any() else None,

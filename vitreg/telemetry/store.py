@@ -138,6 +138,8 @@ def scalar_summary(record: dict, prefix: str) -> dict[str, float]:
         out[f"{prefix}/layer{layer:02d}/patch_norm_p99"] = norms[stream]["patch"]["p99"][layer]
     out[f"{prefix}/last/max_median_ratio"] = record["max_median_ratio"][-1]
     out[f"{prefix}/last/massive_activation_ratio"] = record["massive_activation_ratio"][-1]
+    out[f"{prefix}/last/cls_patch_cosine"] = record["cls_patch_cosine"][-1]
+    out[f"{prefix}/last/channel_outliers"] = record["channel_outliers"]["count"][-1]
     for key, values in record["attention"].items():
         if _finite(values[-1]):
             out[f"{prefix}/attention/{key}"] = values[-1]
