@@ -59,31 +59,17 @@ def test_the_sink_takes_mass_and_gives_its_value(backend):
     assert not torch.allclose(out, plain(x))
 
 
+def sink_vit(backend: str):
+    kwargs = {"embed_dim": DIM, "num_heads": HEADS, "depth": 2, "num_register_tokens": 2, "img_size": 28}
+    return build_vit("vitt", **kwargs, attn_bias="kv", attn_backend=backend).eval()
+
+
 def test_backends_and_the_packed_path_agree_with_a_sink():
     torch.manual_seed(0)
-    sdpa = build_vit(
-        "vitt",
-        embed_dim=DIM,
-        num_heads=HEADS,
-        depth=2,
-        num_register_tokens=2,
-        img_size=28,
-        attn_bias="kv",
-        attn_backend="sdpa",
-    ).eval()
+    sdpa, math = (sink_vit(backend) for backend in ("sdpa", "math"))
     for name, p in sdpa.named_parameters():
         if "sink" in name:
             p.data.normal_()
-    math = build_vit(
-        "vitt",
-        embed_dim=DIM,
-        num_heads=HEADS,
-        depth=2,
-        num_register_tokens=2,
-        img_size=28,
-        attn_bias="kv",
-        attn_backend="math",
-    ).eval()
     math.load_state_dict(sdpa.state_dict())
     a, b = torch.randn(2, 3, 28, 28), torch.randn(3, 3, 14, 14)
     with torch.no_grad():
