@@ -778,6 +778,13 @@ def _validate_eval_sections(c: DictConfig) -> None:
         _fail("lost.k_patches", f"must be >= 1, got {lost.k_patches}")
     if c.task == "lost" and lost.dataset is not None and not os.path.exists(lost.dataset):
         _fail("lost.dataset", f"no VOC folder, .json or .csv at {lost.dataset}; or null for generated images")
+    rn = c.register_neurons
+    if rn.detector not in DETECTORS:
+        _fail("register_neurons.detector", f"must be one of {', '.join(DETECTORS)}, got {rn.detector!r}")
+    if rn.top_k < 1:
+        _fail("register_neurons.top_k", f"must be >= 1, got {rn.top_k}")
+    if rn.batch_size < 1:
+        _fail("register_neurons.batch_size", f"must be >= 1, got {rn.batch_size}")
     o = c.outliers
     if o.detector not in DETECTORS:
         _fail("outliers.detector", f"must be fixed, robust_z or valley, got {o.detector!r}")

@@ -144,6 +144,25 @@ def test_local_task_finds_exactly_the_planted_outliers(planted_checkpoint, tmp_p
     assert (tmp_path / "local_probes.png").exists()
 
 
+def test_register_neurons_task_finds_the_planted_neuron_in_an_official_layout_file(planted_checkpoint, tmp_path):
+    cfg = analyze_cfg(
+        ["task=register_neurons", f"checkpoint={planted_checkpoint}", "num_images=4", "data.resolution=112"]
+    )
+    payload = run(cfg, tmp_path)
+    first = payload["result"]["neurons"][0]
+    assert (first["layer"], first["neuron"]) == (5, 0)  # planted_vit: neuron 0 of block 5
+    assert payload["result"]["outlier_fraction"] == pytest.approx(len(PLANTED) / 64)
+    assert payload["settings"]["register_neurons"]["top_k"] == 50
+    assert (tmp_path / "register_neurons.json").exists()
+
+
+def test_every_evaluation_has_its_summary_lines():
+    from vitreg.eval.summary import SUMMARIES
+    from vitreg.eval.tasks import EVALUATIONS
+
+    assert set(SUMMARIES) == set(EVALUATIONS)
+
+
 def test_global_task_probes_cls_each_register_and_outliers(planted_checkpoint, tmp_path):
     cfg = analyze_cfg(
         [
@@ -180,6 +199,8 @@ def test_occlusion_task_is_exactly_one_without_occlusion(tiny_checkpoint, tmp_pa
         ("outliers.detector=gmm", "outliers.detector"),
         ("occlusion.fractions=[1.0]", "occlusion.fractions"),
         ("data.synthetic_classes=1", "data.synthetic_classes"),
+        ("register_neurons.detector=otsu", "register_neurons.detector"),
+        ("register_neurons.top_k=0", "register_neurons.top_k"),
     ],
 )
 def test_bad_settings_fail_at_start_naming_the_key(tiny_checkpoint, override, key):

@@ -101,3 +101,29 @@ def test_without_stochastic_depth_turns_every_block_off():
     x = torch.randn(4, 3, 28, 28)
     with torch.no_grad():
         assert torch.equal(vit.forward_features(x)["x_prenorm"], vit.eval().forward_features(x)["x_prenorm"])
+
+
+@pytest.mark.parametrize("ffn", ["mlp", "swiglu"])
+def test_iter_layers_reports_the_ffn_neurons_as_the_forward_computes_them(ffn):
+    torch.manual_seed(0)
+    vit = build_vit("vitt", depth=2, num_register_tokens=2, img_size=28, ffn_layer=ffn).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        layers = list(vit.iter_layers(x, mlp=[1]))
+        block = vit.blocks[1]
+        tokens = layers[1].tokens
+        mid = tokens + block.ls1(block.attn(block.norm1(tokens)))
+        h = block.norm2(mid)
+        if ffn == "mlp":
+            expected = block.mlp.act(block.mlp.fc1(h))
+        else:
+            x1, x2 = block.mlp.w12(h).chunk(2, dim=-1)
+            expected = torch.nn.functional.silu(x1) * x2
+    assert layers[1].mlp_hidden is None and layers[2].mlp_hidden.shape == (
+        2,
+        1 + 2 + 4,
+        block.mlp.output_proj.in_features,
+    )
+    torch.testing.assert_close(layers[2].mlp_hidden, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layers[2].tokens, vit.forward_features(x)["x_prenorm"])  # the forward is unchanged
+    assert not block.mlp.output_proj._forward_pre_hooks  # nothing left attached

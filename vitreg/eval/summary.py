@@ -92,6 +92,15 @@ def _occlusion(r: dict) -> list[str]:
     return lines
 
 
+def _register_neurons(r: dict) -> list[str]:
+    head = (
+        f"outliers at block {r['outlier_layer']} ({r['detector']} threshold {_num(r['threshold'])}): "
+        f"{_pct(100 * r['outlier_fraction'])} of patches, in {r['images_with_outliers']}/{r['num_images']} images"
+    )
+    top = ", ".join(f"{n['layer']}:{n['neuron']} ({_num(n['score'])})" for n in r["neurons"][:5])
+    return [head, f"top neurons (block:neuron (mean |act| at outliers)): {top or r.get('note', 'none')}"]
+
+
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "knn": _knn,
     "linear": _linear,
@@ -99,6 +108,7 @@ SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "local": _local,
     "global": _global,
     "occlusion": _occlusion,
+    "register_neurons": _register_neurons,
 }
 
 

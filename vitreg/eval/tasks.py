@@ -30,6 +30,7 @@ from vitreg.eval.knn import KNNSettings, evaluate_knn
 from vitreg.eval.linear import LinearProtocol, LinearSettings, evaluate_linear
 from vitreg.eval.lost import LostSettings, evaluate_lost, plot_lost_examples, sweep_lost
 from vitreg.eval.occlusion import OcclusionSettings, attention_faithfulness, feature_correlation, plot_occlusion
+from vitreg.eval.register_neurons import RegisterNeuronSettings, find_register_neurons
 from vitreg.eval.token_probes import OutlierProbeSettings, collect_tokens, global_probe, local_probes, plot_token_probes
 from vitreg.models.load import LoadedBackbone, load_backbone
 from vitreg.telemetry.stats import TelemetrySettings
@@ -79,6 +80,7 @@ class AnalyzeConfig:
     lost: LostSettings = field(default_factory=LostSettings)
     outliers: OutlierProbeSettings = field(default_factory=OutlierProbeSettings)
     occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
+    register_neurons: RegisterNeuronSettings = field(default_factory=RegisterNeuronSettings)
 
 
 def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
@@ -267,6 +269,23 @@ def probe_images(
     return probe_tensor(raw, resolution), resolution
 
 
+def run_register_neurons(
+    loaded: LoadedBackbone,
+    images: str | None,
+    num_images: int,
+    data: EvalDataConfig,
+    settings: RegisterNeuronSettings,
+    *,
+    device: torch.device,
+    seed: int = 0,
+) -> dict:
+    """Jiang et al. 2025, Alg. 1: the FFN neurons that write the outlier norms (``vitreg.eval.register_neurons``)."""
+    batch, resolution = probe_images(loaded, images, num_images, data.resolution, seed)
+    result = find_register_neurons(loaded.model, batch.to(device), settings)
+    result.update(resolution=resolution, images=images or "synthetic")
+    return result
+
+
 def _detector_kwargs(outliers: OutlierProbeSettings) -> dict[str, Any]:
     return {
         "layer": outliers.layer,
@@ -431,6 +450,18 @@ EVALUATIONS: dict[str, Evaluation] = {
     "global": Evaluation(
         lambda t: run_global(t.loaded, t.cfg.data, t.cfg.outliers, t.out, device=t.device, seed=t.cfg.seed),
         ("data", "outliers", "seed"),
+    ),
+    "register_neurons": Evaluation(
+        lambda t: run_register_neurons(
+            t.loaded,
+            t.cfg.images,
+            t.cfg.num_images,
+            t.cfg.data,
+            t.cfg.register_neurons,
+            device=t.device,
+            seed=t.cfg.seed,
+        ),
+        ("images", "num_images", "register_neurons", "seed"),
     ),
     "occlusion": Evaluation(
         lambda t: run_occlusion(

@@ -45,6 +45,11 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
+    @property
+    def output_proj(self) -> nn.Linear:
+        """The projection whose input is the hidden activation (after the nonlinearity): its neurons."""
+        return self.fc2
+
 
 class SwiGLUFFN(nn.Module):
     """w12 (fused gate and value) -> silu(x1) * x2 -> w3, as DINOv2's SwiGLUFFN."""
@@ -57,6 +62,11 @@ class SwiGLUFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(x1) * x2)
+
+    @property
+    def output_proj(self) -> nn.Linear:
+        """The projection whose input is the hidden activation (silu(x1) * x2): its neurons."""
+        return self.w3
 
 
 def make_ffn(kind: str, dim: int, hidden: int, bias: bool = True) -> nn.Module:

@@ -228,6 +228,7 @@ class VisionTransformer(nn.Module):
         masks: Tensor | None = None,
         attention: bool | Sequence[int] = False,
         qkv: bool | Sequence[int] = False,
+        mlp: bool | Sequence[int] = False,
         upto: int | None = None,
     ) -> Iterator[Layer]:
         """The residual stream layer by layer, as the forward computes it: layer 0 is the embedded input,
@@ -236,7 +237,8 @@ class VisionTransformer(nn.Module):
 
         ``attention`` / ``qkv`` (True, or the block indices that need them) add the block's attention
         probabilities and qkv projection, computed beside the forward (``Block.inspect``): the tokens
-        are exactly the configured kernel's. ``upto`` stops after that many blocks."""
+        are exactly the configured kernel's. ``mlp`` adds the FFN's hidden activation after its nonlinearity
+        (B, T, hidden): the neurons, as the forward computes them. ``upto`` stops after that many blocks."""
         tokens = self.prepare_tokens_with_masks(x, masks)
         yield Layer(0, tokens)
         depth = len(self.blocks) if upto is None else upto
@@ -246,8 +248,21 @@ class VisionTransformer(nn.Module):
             probs, sink, projected = (
                 blk.inspect(tokens, want_probs, want_qkv) if want_probs or want_qkv else (None,) * 3
             )
-            tokens = blk(tokens)
-            yield Layer(i + 1, tokens, probs, projected, sink)
+            hidden: list[Tensor] = []
+            want_mlp = mlp is True or (mlp is not False and i in mlp)
+            handle = (
+                blk.mlp.output_proj.register_forward_pre_hook(lambda _m, args, store=hidden: store.append(args[0]))
+                if want_mlp
+                else None
+            )
+            try:
+                out = blk(tokens)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            neurons = hidden[0].view(*tokens.shape[:2], -1) if hidden else None
+            tokens = out
+            yield Layer(i + 1, tokens, probs, projected, sink, neurons)
 
     def forward_intermediates(
         self,
@@ -257,16 +272,17 @@ class VisionTransformer(nn.Module):
         norm: bool = False,
         attention: bool | Sequence[int] = False,
         qkv: bool | Sequence[int] = False,
+        mlp: bool | Sequence[int] = False,
     ) -> dict[int, Layer]:
         """The outputs of the chosen blocks (``resolve_blocks``: the last ``n``, or indices), keyed by
         block index, each a ``Layer`` (tokens through the final LayerNorm when ``norm``; attention
-        probabilities and qkv when asked: True for every chosen block, or some of their indices). Runs no
+        probabilities, qkv and FFN neurons when asked: True for every chosen block, or some of them). Runs no
         block past the last one chosen."""
         wanted = self.resolve_blocks(blocks)
         asked = set(wanted)
-        attention, qkv = (asked if flag is True else flag for flag in (attention, qkv))
+        attention, qkv, mlp = (asked if flag is True else flag for flag in (attention, qkv, mlp))
         out = {}
-        for layer in self.iter_layers(x, attention=attention, qkv=qkv, upto=max(wanted) + 1):
+        for layer in self.iter_layers(x, attention=attention, qkv=qkv, mlp=mlp, upto=max(wanted) + 1):
             block = layer.index - 1
             if block in asked:
                 out[block] = dataclasses.replace(layer, tokens=self.norm(layer.tokens)) if norm else layer
@@ -319,6 +335,7 @@ class Layer:
     attention: Tensor | None = None  # (B, H, T, T) probabilities inside block index - 1
     qkv: Tensor | None = None  # (B, T, 3, D): q, k, v of block index - 1, heads concatenated
     sink_attention: Tensor | None = None  # (B, H, T) probability each query puts on the attention-bias sink
+    mlp_hidden: Tensor | None = None  # (B, T, hidden): block index - 1's FFN activation after its nonlinearity
 
 
 def build_vit(name: str | ViTConfig, **overrides) -> VisionTransformer:
