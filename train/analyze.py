@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vitreg.config import ConfigError, register_configs, to_dataclass, validate_analyze_config
 from vitreg.eval.progress import set_progress
-from vitreg.eval.summary import summary_lines
-from vitreg.eval.tasks import AnalyzeConfig, run_task
+from vitreg.eval.tasks import EVALUATIONS, AnalyzeConfig, run_task
 from vitreg.runtime.console import quiet_other_ranks
 from vitreg.runtime.launch import init_distributed, shutdown_distributed
 from vitreg.runtime.report_dir import default_report_dir, link_last
@@ -77,7 +76,7 @@ def evaluate(cfg: AnalyzeConfig, out: Path) -> None:
         print(
             f"\n{cfg.task} of {Path(cfg.checkpoint).name} ({payload['source']}, {payload['seconds']:.1f} s) -> {path}"
         )
-        for line in summary_lines(cfg.task, payload["result"]):
+        for line in EVALUATIONS[cfg.task].summary(payload["result"]):
             print(f"  {line}")
 
 

@@ -24,8 +24,7 @@ from PIL import Image
 from tests.eval.test_lost import checkerboard_image, keyed_vit
 from tests.telemetry.planted import planted_vit
 from vitreg.config import ConfigError, register_configs, to_dataclass, validate_analyze_config
-from vitreg.eval.summary import summary_lines
-from vitreg.eval.tasks import AnalyzeConfig, run_task
+from vitreg.eval.tasks import EVALUATIONS, AnalyzeConfig, run_task
 from vitreg.models.checkpoint import save_dinov2_checkpoint
 from vitreg.models.vision_transformer import build_vit
 
@@ -65,7 +64,7 @@ def run(cfg: AnalyzeConfig, out: Path) -> dict:
     assert path == out / f"{cfg.task}.json"
     on_disk = json.loads(path.read_text())
     assert on_disk["task"] == cfg.task and on_disk["num_register_tokens"] == payload["num_register_tokens"]
-    assert summary_lines(cfg.task, on_disk["result"])  # the console summary reads the JSON's shape
+    assert EVALUATIONS[cfg.task].summary(on_disk["result"])  # the console summary reads the JSON's shape
     return on_disk
 
 
@@ -154,13 +153,6 @@ def test_register_neurons_task_finds_the_planted_neuron_in_an_official_layout_fi
     assert payload["result"]["outlier_fraction"] == pytest.approx(len(PLANTED) / 64)
     assert payload["settings"]["register_neurons"]["top_k"] == 50
     assert (tmp_path / "register_neurons.json").exists()
-
-
-def test_every_evaluation_has_its_summary_lines():
-    from vitreg.eval.summary import SUMMARIES
-    from vitreg.eval.tasks import EVALUATIONS
-
-    assert set(SUMMARIES) == set(EVALUATIONS)
 
 
 def test_global_task_probes_cls_each_register_and_outliers(planted_checkpoint, tmp_path):

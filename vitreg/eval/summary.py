@@ -1,4 +1,5 @@
-"""One-screen console summaries of the evaluation results (the JSON files hold everything)."""
+"""One-screen console summaries of the evaluation results (the JSON files hold everything); each task's
+entry in ``vitreg.eval.tasks.EVALUATIONS`` names its own."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
-def _knn(r: dict) -> list[str]:
+def knn_lines(r: dict) -> list[str]:
     lines = [f"{r['num_train']} bank / {r['num_val']} query images, {r['num_classes']} classes"]
     for key, value in r.items():
         if key.startswith("k="):
@@ -23,7 +24,7 @@ def _knn(r: dict) -> list[str]:
     return lines
 
 
-def _linear(r: dict) -> list[str]:
+def linear_lines(r: dict) -> list[str]:
     b = r["best"]
     return [
         f"{r['mode']} features, {r['num_train']} train / {r['num_val']} val images, {len(r['classifiers'])} classifiers",
@@ -31,7 +32,7 @@ def _linear(r: dict) -> list[str]:
     ]
 
 
-def _lost(r: dict) -> list[str]:
+def lost_lines(r: dict) -> list[str]:
     s = r["settings"]
     lines = [
         f"CorLoc {_pct(r['corloc'])} on {r['num_images']} images "
@@ -51,7 +52,7 @@ def _group(entry: dict | None, key: str, fmt: Callable[[Any], str]) -> str:
     return "n/a" if not entry else fmt(entry[key])
 
 
-def _local(r: dict) -> list[str]:
+def local_lines(r: dict) -> list[str]:
     pos, rec = r["position"], r["reconstruction"]
     lines = [
         f"outliers: {100 * r['outlier_fraction']:.2f}% of patch tokens ({r['detector']} threshold "
@@ -67,7 +68,7 @@ def _local(r: dict) -> list[str]:
     return lines
 
 
-def _global(r: dict) -> list[str]:
+def global_lines(r: dict) -> list[str]:
     lines = []
     for kind, entry in r["global"].items():
         if entry is None:
@@ -79,7 +80,7 @@ def _global(r: dict) -> list[str]:
     return lines
 
 
-def _occlusion(r: dict) -> list[str]:
+def occlusion_lines(r: dict) -> list[str]:
     lines = []
     for key, entry in r["random"]["by_fraction"].items():
         lines.append(f"random PatchDrop {key}: final CLS correlation {_num(entry['final_cls'])}")
@@ -92,26 +93,10 @@ def _occlusion(r: dict) -> list[str]:
     return lines
 
 
-def _register_neurons(r: dict) -> list[str]:
+def register_neuron_lines(r: dict) -> list[str]:
     head = (
         f"outliers at block {r['outlier_layer']} ({r['detector']} threshold {_num(r['threshold'])}): "
         f"{_pct(100 * r['outlier_fraction'])} of patches, in {r['images_with_outliers']}/{r['num_images']} images"
     )
     top = ", ".join(f"{n['layer']}:{n['neuron']} ({_num(n['score'])})" for n in r["neurons"][:5])
     return [head, f"top neurons (block:neuron (mean |act| at outliers)): {top or r.get('note', 'none')}"]
-
-
-SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
-    "knn": _knn,
-    "linear": _linear,
-    "lost": _lost,
-    "local": _local,
-    "global": _global,
-    "occlusion": _occlusion,
-    "register_neurons": _register_neurons,
-}
-
-
-def summary_lines(task: str, result: dict) -> list[str]:
-    """A few human-readable lines of a task's result dict."""
-    return SUMMARIES[task](result)

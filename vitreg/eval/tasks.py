@@ -31,6 +31,15 @@ from vitreg.eval.linear import LinearProtocol, LinearSettings, evaluate_linear
 from vitreg.eval.lost import LostSettings, evaluate_lost, plot_lost_examples, sweep_lost
 from vitreg.eval.occlusion import OcclusionSettings, attention_faithfulness, feature_correlation, plot_occlusion
 from vitreg.eval.register_neurons import RegisterNeuronSettings, find_register_neurons
+from vitreg.eval.summary import (
+    global_lines,
+    knn_lines,
+    linear_lines,
+    local_lines,
+    lost_lines,
+    occlusion_lines,
+    register_neuron_lines,
+)
 from vitreg.eval.token_probes import OutlierProbeSettings, collect_tokens, global_probe, local_probes, plot_token_probes
 from vitreg.models.load import LoadedBackbone, load_backbone
 from vitreg.telemetry.stats import TelemetrySettings
@@ -418,21 +427,26 @@ class TaskContext:
 class Evaluation:
     run: Callable[[TaskContext], dict]
     reads: tuple[str, ...]  # the config sections it reads, recorded next to its result
+    summary: Callable[[dict], list[str]]  # a few console lines of its result
 
 
 EVALUATIONS: dict[str, Evaluation] = {
     "knn": Evaluation(
         lambda t: run_knn(t.loaded, t.cfg.data, t.cfg.knn, device=t.device, autocast=t.autocast, seed=t.cfg.seed),
         ("data", "knn", "seed", "autocast"),
+        knn_lines,
     ),
     "linear": Evaluation(
         lambda t: run_linear(
             t.loaded, t.cfg.data, t.cfg.linear, t.out, device=t.device, autocast=t.autocast, seed=t.cfg.seed
         ),
         ("data", "linear", "seed", "autocast"),
+        linear_lines,
     ),
     "lost": Evaluation(
-        lambda t: run_lost(t.loaded, t.cfg.lost, t.out, device=t.device, seed=t.cfg.seed), ("lost", "seed")
+        lambda t: run_lost(t.loaded, t.cfg.lost, t.out, device=t.device, seed=t.cfg.seed),
+        ("lost", "seed"),
+        lost_lines,
     ),
     "local": Evaluation(
         lambda t: run_local(
@@ -446,10 +460,12 @@ EVALUATIONS: dict[str, Evaluation] = {
             seed=t.cfg.seed,
         ),
         ("images", "num_images", "outliers", "seed"),
+        local_lines,
     ),
     "global": Evaluation(
         lambda t: run_global(t.loaded, t.cfg.data, t.cfg.outliers, t.out, device=t.device, seed=t.cfg.seed),
         ("data", "outliers", "seed"),
+        global_lines,
     ),
     "register_neurons": Evaluation(
         lambda t: run_register_neurons(
@@ -462,6 +478,7 @@ EVALUATIONS: dict[str, Evaluation] = {
             seed=t.cfg.seed,
         ),
         ("images", "num_images", "register_neurons", "seed"),
+        register_neuron_lines,
     ),
     "occlusion": Evaluation(
         lambda t: run_occlusion(
@@ -475,6 +492,7 @@ EVALUATIONS: dict[str, Evaluation] = {
             seed=t.cfg.seed,
         ),
         ("images", "num_images", "occlusion", "seed"),
+        occlusion_lines,
     ),
 }
 # every task train/analyze.py runs: the telemetry report (vitreg.telemetry.analyze, one process) and the evaluations
