@@ -83,7 +83,8 @@ def find_register_neurons(model: nn.Module, images: Tensor, settings: RegisterNe
             mask = outliers[start : start + x.shape[0]].to(device)  # (B, P)
             start += x.shape[0]
             has = mask.any(1)
-            at = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)  # the mean over an image's outliers
+            # the mean over an image's outliers: a zero row for an image without any, so it adds nothing below
+            at = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)
             normal = (~mask).float() / (~mask).sum(1, keepdim=True).clamp(min=1)
             for layer in model.iter_layers(x.to(device), mlp=True, upto=highest + 1):
                 if layer.index == 0:
@@ -93,7 +94,7 @@ def find_register_neurons(model: nn.Module, images: Tensor, settings: RegisterNe
                     at_outliers = torch.zeros(highest + 1, acts.shape[-1])
                     elsewhere, small = torch.zeros_like(at_outliers), torch.zeros_like(at_outliers)
                 block = layer.index - 1
-                at_outliers[block] += torch.einsum("bp,bph->h", at[has], acts[has]).cpu()
+                at_outliers[block] += torch.einsum("bp,bph->h", at, acts).cpu()
                 elsewhere[block] += torch.einsum("bp,bph->h", normal, acts).cpu()
                 small[block] += (acts < 0.5).float().sum((0, 1)).cpu()
             images_with_outliers += int(has.sum())
