@@ -16,12 +16,15 @@ from vitreg.models.config import VIT_SIZES, ViTConfig, vit_config
 from vitreg.models.layout import TokenLayout
 from vitreg.models.load import LoadedBackbone, load_backbone, load_dinov2_backbone
 from vitreg.models.pos_embed import interpolate_pos_embed
+from vitreg.models.test_time_registers import TestTimeRegisters, TestTimeRegisterSettings
 from vitreg.models.vision_transformer import VisionTransformer, build_vit
 
 __all__ = [
     "VIT_SIZES",
     "CheckpointMismatchError",
     "LoadedBackbone",
+    "TestTimeRegisterSettings",
+    "TestTimeRegisters",
     "TokenLayout",
     "ViTConfig",
     "VisionTransformer",

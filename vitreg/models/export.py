@@ -29,6 +29,7 @@ from vitreg.models.export_hf import (
 )
 from vitreg.models.export_timm import TIMM_INTERPOLATION, timm_create_line, timm_kwargs, timm_state_dict
 from vitreg.models.formats import RECORD_NAME
+from vitreg.models.test_time_registers import TestTimeRegisters
 from vitreg.models.vision_transformer import VisionTransformer
 from vitreg.utils.io import atomic_write_bytes
 
@@ -144,9 +145,19 @@ def export_backbone(
     warnings = [mismatch] if mismatch else []
     if fmt in ("hf", "timm") and not (cfg.proj_bias and cfg.ffn_bias):
         warnings.append("biases this model does not have were written as zeros (the target always has them)")
+    ttr: dict[str, Any] = {}
+    if isinstance(model, TestTimeRegisters):  # the files hold the backbone; the record says how to wrap it
+        ttr = {"test_time_registers": model.describe()}
+        usage += "  # with its test-time registers (vitreg_export.json)"
+        if fmt != "dinov2":
+            warnings.append(
+                f"{fmt} loads the plain backbone: the test-time registers are applied by vitreg's loaders "
+                "(load_dinov2_backbone reads them from vitreg_export.json)"
+            )
     record = {
         **describe_model(model),
         **target,
+        **ttr,
         "usage": usage,
         "exact_at": "the native image size only" if mismatch else "every image size",
         "source": {k: (str(v) if isinstance(v, Path) else v) for k, v in (source or {}).items()},

@@ -48,6 +48,7 @@ class BackboneSource:
     format: str  # "dinov2" (DINOv2 layouts and vitreg checkpoints), "hf", "timm"
     config: dict[str, Any] = field(default_factory=dict)  # ViTConfig keywords the format states
     checkpoint: Mapping | None = None  # the raw container (hyper_parameters, global_step of vitreg checkpoints)
+    test_time_registers: dict | None = None  # an export of a TTR model: its register neurons and settings
 
 
 def read_export_record(path: str | PathLike) -> dict | None:
@@ -131,6 +132,7 @@ def read_backbone_source(
     record = read_export_record(path)
     if record is not None:
         found.config = {**found.config, **config_from_record(record)}
+        found.test_time_registers = record.get("test_time_registers")
         if not record["layerscale"]:
             found.state = _drop_unit_layerscale(found.state)
     return found

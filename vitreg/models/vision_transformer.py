@@ -9,7 +9,7 @@ Parameter names equal DINOv2's hub layout, so official state dicts map one to on
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from vitreg.models.block import Block
 from vitreg.models.config import ViTConfig, vit_config
+from vitreg.models.edits import EditHandle, NeuronEdit, TokenEdit, attach_edits
 from vitreg.models.layers import PatchEmbed
 from vitreg.models.layout import TokenLayout
 from vitreg.models.pos_embed import interpolate_pos_embed
@@ -315,6 +316,23 @@ class VisionTransformer(nn.Module):
             extra = ([cls] if return_class_token else []) + ([registers] if return_register_tokens else [])
             results.append((patches, *extra) if extra else patches)
         return tuple(results)
+
+    def edit(
+        self, *, outputs: Mapping[int, TokenEdit] | None = None, neurons: Mapping[int, NeuronEdit] | None = None
+    ) -> EditHandle:
+        """Rewrite what blocks compute until the returned handle is removed (or its ``with`` ends):
+        ``outputs[b]`` maps block ``b``'s output tokens (B, T, D) to their replacement, ``neurons[b]`` its FFN
+        activation after the nonlinearity (B, T, hidden). Keys are block indices as ``resolve_block`` takes them.
+        See ``vitreg.models.edits``::
+
+            with model.edit(outputs={-1: lambda t: t * 0}):
+                features = model.forward_features(images)
+        """
+        return attach_edits(
+            self.blocks,
+            {self.resolve_block(b, "outputs"): e for b, e in (outputs or {}).items()},
+            {self.resolve_block(b, "neurons"): e for b, e in (neurons or {}).items()},
+        )
 
     @torch.no_grad()
     def get_attention_maps(self, x: Tensor, blocks: int | Sequence[int] = -1) -> dict[int, Tensor]:
