@@ -100,7 +100,8 @@ def headline_numbers(
         result = run_knn(loaded, inputs.data, inputs.knn, autocast=inputs.autocast, **common)
         numbers["knn_top1"] = result["best"]["top1"]
     if "linear" in metrics:
-        result = run_linear(loaded, inputs.data, inputs.linear, out, autocast=inputs.autocast, **common)
+        cached = dataclasses.replace(inputs.linear, mode="cached")  # features once per version, not per epoch
+        result = run_linear(loaded, inputs.data, cached, out, autocast=inputs.autocast, **common)
         numbers["linear_top1"] = result["best"]["top1"]
     if "lost" in metrics:
         quiet = dataclasses.replace(inputs.lost, sweep=False, num_examples=0)
