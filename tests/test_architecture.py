@@ -33,6 +33,7 @@ FRAMEWORKS = {"lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "
 BACKBONE_CONSUMERS = ("data", "telemetry", "eval")
 PUBLIC_MODEL_MODULES = {
     "vitreg.models",
+    "vitreg.models.export",
     "vitreg.models.layout",
     "vitreg.models.load",
     "vitreg.models.vision_transformer",

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vitreg.eval.compare import METRICS as COMPARE_METRICS
 from vitreg.eval.linear import MODES as LINEAR_MODES
 from vitreg.eval.lost import FEATURE_KINDS, NORMALIZATIONS
 from vitreg.eval.progress import MODES as PROGRESS_MODES
@@ -30,6 +31,7 @@ from vitreg.eval.token_probes import CLASSIFIERS, FEATURES, FIT_ON
 from vitreg.models.attention import ATTN_BACKENDS, ATTN_BIASES
 from vitreg.models.config import VIT_SIZES, ModelConfig
 from vitreg.models.layers import FFN_KINDS
+from vitreg.models.test_time_registers import PATCH_VALUES
 from vitreg.ssl.config import CENTERINGS, ON_NONFINITE, OptimConfig, SSLConfig
 from vitreg.ssl.schedules import SCALING_RULES
 from vitreg.telemetry.detectors import DETECTORS
@@ -785,6 +787,17 @@ def _validate_eval_sections(c: DictConfig) -> None:
         _fail("register_neurons.top_k", f"must be >= 1, got {rn.top_k}")
     if rn.batch_size < 1:
         _fail("register_neurons.batch_size", f"must be >= 1, got {rn.batch_size}")
+    ttr = c.ttr
+    if ttr.num_tokens < 1:
+        _fail("ttr.num_tokens", f"must be >= 1, got {ttr.num_tokens}")
+    if ttr.patch_values not in PATCH_VALUES:
+        _fail("ttr.patch_values", f"must be one of {', '.join(PATCH_VALUES)}, got {ttr.patch_values!r}")
+    if not ttr.metrics or any(m not in COMPARE_METRICS for m in ttr.metrics):
+        _fail("ttr.metrics", f"must list some of {', '.join(COMPARE_METRICS)}, got {list(ttr.metrics)}")
+    if c.task == "ttr" and ttr.neurons is not None and not os.path.isfile(ttr.neurons):
+        _fail("ttr.neurons", f"no file at {ttr.neurons}: a register_neurons.json of task=register_neurons, or null")
+    if c.compare is not None and not os.path.exists(c.compare):
+        _fail("compare", f"no checkpoint at {c.compare}")
     o = c.outliers
     if o.detector not in DETECTORS:
         _fail("outliers.detector", f"must be fixed, robust_z or valley, got {o.detector!r}")

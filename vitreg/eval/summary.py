@@ -100,3 +100,18 @@ def register_neuron_lines(r: dict) -> list[str]:
     )
     top = ", ".join(f"{n['layer']}:{n['neuron']} ({_num(n['score'])})" for n in r["neurons"][:5])
     return [head, f"top neurons (block:neuron (mean |act| at outliers)): {top or r.get('note', 'none')}"]
+
+
+def ttr_lines(r: dict) -> list[str]:
+    """One line per metric: plain -> TTR (-> compare)."""
+    versions = list(r["metrics"])
+    found = r["detection"]
+    source = found.get("from") or f"found at block {found['outlier_layer']} ({found['detector']})"
+    lines = [f"{len(r['neurons'])} register neurons ({source}), {r['num_test_time_registers']} test-time register(s)"]
+    if r.get("note"):
+        lines.append(r["note"])
+    lines.append(f"{'metric':<26}" + "".join(f"{v:>12}" for v in versions))
+    for key in r["metrics"][versions[0]]:
+        row = "".join(f"{_num(r['metrics'][v].get(key), 4):>12}" for v in versions)
+        lines.append(f"{key:<26}{row}")
+    return lines

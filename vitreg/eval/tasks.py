@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vitreg.eval.compare import MetricInputs
 from vitreg.eval.knn import KNNSettings
 from vitreg.eval.linear import LinearProtocol
 from vitreg.eval.lost import LostSettings
@@ -47,8 +48,10 @@ from vitreg.eval.summary import (
     lost_lines,
     occlusion_lines,
     register_neuron_lines,
+    ttr_lines,
 )
 from vitreg.eval.token_probes import OutlierProbeSettings
+from vitreg.eval.ttr import TTRSettings, run_ttr
 from vitreg.models.load import LoadedBackbone, load_backbone
 from vitreg.telemetry.stats import TelemetrySettings
 from vitreg.utils.distributed import rank_and_world
@@ -82,6 +85,8 @@ class AnalyzeConfig:
     outliers: OutlierProbeSettings = field(default_factory=OutlierProbeSettings)
     occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
     register_neurons: RegisterNeuronSettings = field(default_factory=RegisterNeuronSettings)
+    ttr: TTRSettings = field(default_factory=TTRSettings)
+    compare: str | None = None  # task=ttr: a checkpoint (e.g. trained with registers) measured beside
 
 
 def describe(loaded: LoadedBackbone, checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -142,6 +147,26 @@ class Evaluation:
     reads: tuple[str, ...]  # the config sections it reads, recorded next to its result
     summary: Callable[[dict], list[str]]  # a few console lines of its result
 
+
+def metric_inputs(t: TaskContext) -> MetricInputs:
+    """The sections the comparisons' metrics read (``vitreg.eval.compare``)."""
+    c = t.cfg
+    return MetricInputs(
+        c.images, c.num_images, c.data, c.telemetry, c.knn, c.linear, c.lost, c.outliers, t.device, t.autocast, c.seed
+    )
+
+
+def load_compare(t: TaskContext) -> LoadedBackbone | None:
+    """``compare=``: a second checkpoint, loaded and placed like the first."""
+    if t.cfg.compare is None:
+        return None
+    other = load_backbone(t.cfg.compare, t.cfg.model)
+    other.model.to(t.device).eval().requires_grad_(False)
+    return other
+
+
+# the sections every comparison's metrics read
+METRIC_SECTIONS = ("images", "num_images", "data", "telemetry", "knn", "linear", "lost", "outliers", "seed", "autocast")
 
 EVALUATIONS: dict[str, Evaluation] = {
     "knn": Evaluation(
@@ -206,6 +231,11 @@ EVALUATIONS: dict[str, Evaluation] = {
         ),
         ("images", "num_images", "occlusion", "seed"),
         occlusion_lines,
+    ),
+    "ttr": Evaluation(
+        lambda t: run_ttr(t.loaded, t.cfg.ttr, t.cfg.register_neurons, metric_inputs(t), t.out, load_compare(t)),
+        ("ttr", "register_neurons", "compare", *METRIC_SECTIONS),
+        ttr_lines,
     ),
 }
 # every task train/analyze.py runs: the telemetry report (vitreg.telemetry.analyze, one process) and the evaluations

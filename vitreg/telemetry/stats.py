@@ -196,10 +196,11 @@ def _register_health(cap: Capture, s: TelemetrySettings, outliers: dict) -> dict
             and head["patch_fraction"][-1] <= s.emergence_fraction
         ),
     }
-    if cap.register_params is not None and r > 1:
+    learned = 0 if cap.register_params is None else cap.register_params.shape[0]  # < r with test-time registers
+    if learned > 1:
         p = torch.nn.functional.normalize(cap.register_params.double(), dim=-1)
         pc = p @ p.T
-        health["param_cosine_max"] = float(pc[~torch.eye(r, dtype=torch.bool)].max())
+        health["param_cosine_max"] = float(pc[~torch.eye(learned, dtype=torch.bool)].max())
     return health
 
 
