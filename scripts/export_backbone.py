@@ -5,6 +5,7 @@
     python scripts/export_backbone.py outputs/demo --format timm --out outputs/demo/export/vitt14_reg4.safetensors
     python scripts/export_backbone.py outputs/demo/checkpoints/step0000250.ckpt vitt14_reg4.pth
     python scripts/export_backbone.py outputs/demo --which student --layout chunked
+    python scripts/export_backbone.py outputs/demo --test-time-registers outputs/demo/analysis/last/ttr.json
 
 The source is a run directory (its newest intact checkpoint), a vitreg ``.ckpt``, an FSDP2 sharded
 checkpoint directory, or any file ``vitreg.models.load_dinov2_backbone`` reads. Formats:
@@ -16,7 +17,10 @@ checkpoint directory, or any file ``vitreg.models.load_dinov2_backbone`` reads. 
 - ``timm``: a ``.safetensors`` file for ``timm.create_model``; the exact call is printed. Default
   ``<run_dir>/export/<stem>_<which>_timm.safetensors``.
 Every export also records the model (architecture, FFN, LayerScale, interpolation, image size, source
-run, step, vitreg commit) in ``vitreg_export.json`` beside the file (inside the HF folder). Only the
+run, step, vitreg commit) in ``vitreg_export.json`` beside the file (inside the HF folder).
+``--test-time-registers`` exports the model with test-time registers (docs/mitigation.md): the neurons of a
+``register_neurons.json`` or ``ttr.json`` (with that run's ``ttr`` settings, unless ``--ttr-*`` options say
+otherwise) are recorded, and vitreg's loaders give the model back with them. Only the
 backbone is written (no heads, no optimizer), atomically, and the files are read back and compared with
 the model's weights before the script reports success.
 """
@@ -24,6 +28,7 @@ the model's weights before the script reports success.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,8 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vitreg.eval.ttr import read_neurons
 from vitreg.lit.checkpointing import newest_good_checkpoint
-from vitreg.models import load_dinov2_backbone
+from vitreg.models import TestTimeRegisters, TestTimeRegisterSettings, load_dinov2_backbone
 from vitreg.models.checkpoint import LAYOUTS, describe
 from vitreg.models.export import FORMATS, export_backbone
 from vitreg.models.load import load_backbone
@@ -89,6 +95,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher")
     parser.add_argument("--layout", choices=LAYOUTS, default="hub", help="DINOv2 layout (--format dinov2)")
     parser.add_argument("--block-chunks", type=int, default=4, help="chunks for --layout chunked")
+    parser.add_argument(
+        "--test-time-registers", type=Path, metavar="JSON", help="a register_neurons.json or ttr.json: export with TTR"
+    )
+    parser.add_argument("--ttr-tokens", type=int, help="test-time registers added (default: the ttr.json's, or 1)")
+    parser.add_argument("--ttr-scale", type=float, help="their activation scale (default: the ttr.json's, or 1.0)")
+    parser.add_argument(
+        "--ttr-patch-values", help="zero | mean | only_outliers | same (default: the ttr.json's, or zero)"
+    )
     args = parser.parse_intermixed_args(argv)  # the output may follow the options
     if args.output and args.out and args.output != args.out:
         parser.error(f"two outputs given: {args.output} and --out {args.out}")
@@ -98,6 +112,11 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoint = resolve_checkpoint(args.source)
     loaded = load_backbone(checkpoint, which=args.which)
     model = loaded.model
+    if args.test_time_registers is not None:
+        try:
+            model = TestTimeRegisters.from_backbone(model, *ttr_from(args))
+        except ValueError as err:
+            raise SystemExit(f"error: --test-time-registers: {err}") from None
     output = args.out or args.output or default_output(checkpoint, args.which, args.format, args.layout)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     source = {"checkpoint": str(checkpoint.resolve()), "run_dir": run_dir and str(run_dir.resolve())}
@@ -123,6 +142,18 @@ def main(argv: list[str] | None = None) -> Path:
     )
     print(f"load it with:\n  {prelude}\n  {result.usage}")
     return output
+
+
+def ttr_from(args: argparse.Namespace) -> tuple[list[dict], TestTimeRegisterSettings]:
+    """The neurons of ``--test-time-registers`` and the settings: the ``--ttr-*`` options, else the ttr.json's."""
+    neurons = read_neurons(args.test_time_registers)
+    recorded = json.loads(args.test_time_registers.read_text()).get("settings", {}).get("ttr", {})
+    chosen = {
+        "num_tokens": args.ttr_tokens if args.ttr_tokens is not None else recorded.get("num_tokens", 1),
+        "scale": args.ttr_scale if args.ttr_scale is not None else recorded.get("scale", 1.0),
+        "patch_values": args.ttr_patch_values or recorded.get("patch_values", "zero"),
+    }
+    return neurons, TestTimeRegisterSettings(**chosen)
 
 
 def _what(args: argparse.Namespace) -> str:

@@ -108,3 +108,31 @@ def test_the_hf_one_liner_runs_as_a_user_types_it(sharded, tmp_path):  # noqa: F
     result = subprocess.run([*cmd, "--format", "hf", "--out", str(tmp_path / "hf")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "hf" / "config.json").is_file() and "from_pretrained" in result.stdout
+
+
+def test_an_export_with_test_time_registers_records_them(tmp_path, capsys):
+    from vitreg.models import TestTimeRegisters
+
+    model = build_vit("vitt", embed_dim=64, depth=2, num_heads=1, img_size=28, num_register_tokens=1)
+    save_dinov2_checkpoint(model, tmp_path / "plain.pth")
+    ttr_json = tmp_path / "ttr.json"  # as task=ttr writes it: the neurons, and the settings it ran with
+    ttr_json.write_text(
+        json.dumps(
+            {
+                "settings": {"ttr": {"num_tokens": 3, "scale": 2.0, "patch_values": "mean"}},
+                "result": {"neurons": [{"layer": 1, "neuron": 5, "score": 9.0}]},
+            }
+        )
+    )
+    out = export_main([str(tmp_path / "plain.pth"), str(tmp_path / "ttr.pth"), "--test-time-registers", str(ttr_json),
+                       "--ttr-scale", "1.5"])  # fmt: skip
+    again = load_dinov2_backbone(out)
+    assert isinstance(again, TestTimeRegisters) and again.neurons == [(1, 5)]
+    assert (again.settings.num_tokens, again.settings.scale, again.settings.patch_values) == (3, 1.5, "mean")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match=r"--test-time-registers: .* is not the JSON of task=register_neurons"):
+        export_main([str(tmp_path / "plain.pth"), str(tmp_path / "x.pth"), "--test-time-registers", str(bad)])
+    with pytest.raises(SystemExit, match=r"neuron 256\) does not exist"):
+        bad.write_text(json.dumps({"result": {"neurons": [{"layer": 0, "neuron": 256}]}}))
+        export_main([str(tmp_path / "plain.pth"), str(tmp_path / "x.pth"), "--test-time-registers", str(bad)])

@@ -53,11 +53,10 @@ def read_neurons(path: str | os.PathLike) -> list[dict]:
         neurons = payload["result"]["neurons"]
         return [{"layer": int(n["layer"]), "neuron": int(n["neuron"])} for n in neurons]
     except FileNotFoundError:
-        raise ValueError(f"ttr.neurons={path}: no such file; run task=register_neurons first, or null") from None
+        raise ValueError(f"no file at {path}; run task=register_neurons first") from None
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(
-            f"ttr.neurons={path} is not the JSON of task=register_neurons (result.neurons: [{{layer, neuron}}, ...]): "
-            f"{err}"
+            f"{path} is not the JSON of task=register_neurons (result.neurons: [{{layer, neuron}}, ...]): {err}"
         ) from None
 
 
