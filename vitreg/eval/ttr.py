@@ -97,7 +97,9 @@ def run_ttr(
         raw, _ = raw_probe(loaded, inputs)
         result["plot"] = str(plot_ttr(maps, raw, out / "ttr.png"))
     if main and settings.export:
-        exported = export_backbone(ttr, "dinov2", out / "ttr_backbone.pth", source={"checkpoint": loaded.source})
+        exported = export_backbone(
+            ttr, "dinov2", out / "ttr_backbone.pth", source={"kind": loaded.source, "step": loaded.step}
+        )
         result["export"] = str(exported.path)
     return result
 
