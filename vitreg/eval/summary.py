@@ -100,3 +100,32 @@ def register_neuron_lines(r: dict) -> list[str]:
     )
     top = ", ".join(f"{n['layer']}:{n['neuron']} ({_num(n['score'])})" for n in r["neurons"][:5])
     return [head, f"top neurons (block:neuron (mean |act| at outliers)): {top or r.get('note', 'none')}"]
+
+
+# the columns of the ablation table, when measured (ablate.json holds every number)
+ABLATE_COLUMNS = (
+    ("knn_top1", "kNN"),
+    ("linear_top1", "linear"),
+    ("lost_corloc", "CorLoc"),
+    ("emergence_layer", "emerge"),
+    ("patch_outlier_fraction", "outl.frac"),
+    ("patch_norm_max", "norm max"),
+    ("cls_to_outliers", "cls->outl"),
+)
+
+
+def ablate_lines(r: dict) -> list[str]:
+    columns = [(key, name) for key, name in ABLATE_COLUMNS if key in r["baseline"]]
+    ref = r["reference"]
+    lines = [
+        f"{len(r['blocks'])} block(s) edited, statistics of {ref['reference_images']} reference images "
+        f"({ref['source']}); change vs baseline:",
+        f"{'target/replacement':<20}" + "".join(f"{name:>11}" for _, name in columns),
+        f"{'baseline (value)':<20}" + "".join(f"{_num(r['baseline'][key], 4):>11}" for key, _ in columns),
+    ]
+    for row in r["rows"]:
+        cells = "".join(
+            f"{'n/a' if row['change'][key] is None else format(row['change'][key], '+.3g'):>11}" for key, _ in columns
+        )
+        lines.append(f"{row['target'] + '/' + row['replacement']:<20}{cells}")
+    return lines + list(r["notes"])

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from vitreg.eval.ablate import AblateSettings, run_ablate
+from vitreg.eval.compare import MetricInputs
 from vitreg.eval.knn import KNNSettings
 from vitreg.eval.linear import LinearProtocol
 from vitreg.eval.lost import LostSettings
@@ -40,6 +42,7 @@ from vitreg.eval.runners import (
     run_register_neurons,
 )
 from vitreg.eval.summary import (
+    ablate_lines,
     global_lines,
     knn_lines,
     linear_lines,
@@ -82,6 +85,7 @@ class AnalyzeConfig:
     outliers: OutlierProbeSettings = field(default_factory=OutlierProbeSettings)
     occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
     register_neurons: RegisterNeuronSettings = field(default_factory=RegisterNeuronSettings)
+    ablate: AblateSettings = field(default_factory=AblateSettings)
 
 
 def describe(loaded: LoadedBackbone, checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -141,6 +145,13 @@ class Evaluation:
     run: Callable[[TaskContext], dict]
     reads: tuple[str, ...]  # the config sections it reads, recorded next to its result
     summary: Callable[[dict], list[str]]  # a few console lines of its result
+
+
+def metric_inputs(t: TaskContext) -> MetricInputs:
+    """What ``vitreg.eval.compare``'s headline numbers read, from the analysis config."""
+    c = t.cfg
+    sections = {key: getattr(c, key) for key in ("data", "telemetry", "knn", "linear", "lost", "outliers")}
+    return MetricInputs(c.images, c.num_images, **sections, device=t.device, autocast=t.autocast, seed=c.seed)
 
 
 EVALUATIONS: dict[str, Evaluation] = {
@@ -206,6 +217,23 @@ EVALUATIONS: dict[str, Evaluation] = {
         ),
         ("images", "num_images", "occlusion", "seed"),
         occlusion_lines,
+    ),
+    "ablate": Evaluation(
+        lambda t: run_ablate(t.loaded, metric_inputs(t), t.cfg.ablate, t.out),
+        (
+            "images",
+            "num_images",
+            "data",
+            "telemetry",
+            "knn",
+            "linear",
+            "lost",
+            "outliers",
+            "ablate",
+            "seed",
+            "autocast",
+        ),
+        ablate_lines,
     ),
 }
 # every task train/analyze.py runs: the telemetry report (vitreg.telemetry.analyze, one process) and the evaluations
