@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vitreg.eval.ablate import METRICS, REPLACEMENTS
+from vitreg.eval.ablate import REPLACEMENTS
 from vitreg.eval.ablate import TARGETS as ABLATE_TARGETS
+from vitreg.eval.compare import METRICS
 from vitreg.eval.linear import MODES as LINEAR_MODES
 from vitreg.eval.lost import FEATURE_KINDS, NORMALIZATIONS
 from vitreg.eval.progress import MODES as PROGRESS_MODES

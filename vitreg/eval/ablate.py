@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from vitreg.data.transforms import eval_transform
-from vitreg.eval.compare import METRICS, MetricInputs, check_metrics, headline_numbers
+from vitreg.eval.compare import MetricInputs, check_metrics, headline_numbers
 from vitreg.eval.data import LabelledImages, collate_labelled
 from vitreg.eval.runners import eval_resolution, synthetic_options
 from vitreg.eval.token_probes import outlier_threshold
@@ -369,7 +369,6 @@ def plot_ablation(result: dict, path: str | os.PathLike) -> Path:
 
 
 __all__ = [
-    "METRICS",
     "REPLACEMENTS",
     "TARGETS",
     "AblateSettings",
