@@ -172,6 +172,8 @@ def test_missing_targets_are_notes_not_crashes():
         "outliers", stats, bare.layout, "valley"
     )
     assert missing_target("cls", stats, bare.layout, "valley") is None
+    with pytest.raises(ValueError, match="nothing to replace for target 'registers'"):
+        ablation_edits(bare.layout, "registers", "mean", stats)
 
 
 def test_bad_settings_name_the_key():

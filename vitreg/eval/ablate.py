@@ -208,6 +208,11 @@ def ablation_edits(layout: TokenLayout, target: str, kind: str, stats: Reference
     """``{block: edit}`` for ``model.edit(outputs=...)``: ``target``'s tokens replaced the ``kind`` way at
     every block that has a population of it. The draws are seeded, so a run is reproducible."""
     populations = stats.populations(target)
+    if not populations:
+        raise ValueError(
+            f"ablate: nothing to replace for target {target!r}: no population of it at the edited blocks "
+            "(a model without registers, or no reference outliers); check missing_target first"
+        )
     generator = torch.Generator().manual_seed(seed)
     edits = {}
     if target in ("registers", "cls"):
