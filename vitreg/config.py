@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vitreg.eval.ablate import REPLACEMENTS
+from vitreg.eval.ablate import TARGETS as ABLATE_TARGETS
 from vitreg.eval.compare import METRICS as COMPARE_METRICS
 from vitreg.eval.linear import MODES as LINEAR_MODES
 from vitreg.eval.lost import FEATURE_KINDS, NORMALIZATIONS
@@ -736,6 +738,28 @@ def _validate_source(key: str, source: str) -> None:
         _fail(key, f"no class-folder tree, list file or shards at {source}; or use synthetic")
 
 
+def _validate_ablate(c: DictConfig) -> None:
+    a = c.ablate
+    for key, allowed in (("targets", ABLATE_TARGETS), ("replacements", REPLACEMENTS), ("metrics", COMPARE_METRICS)):
+        chosen = list(a[key])
+        if not chosen or any(v not in allowed for v in chosen):
+            _fail(f"ablate.{key}", f"must list some of {', '.join(allowed)}, got {chosen}")
+    if a.detector not in DETECTORS:
+        _fail("ablate.detector", f"must be one of {', '.join(DETECTORS)}, got {a.detector!r}")
+    for key in ("reference_images", "batch_size"):
+        if a[key] < 1:
+            _fail(f"ablate.{key}", f"must be >= 1, got {a[key]}")
+    if a.layers is not None and not list(a.layers):
+        _fail("ablate.layers", "must be null (every block) or a non-empty list of block indices, e.g. [-1]")
+    if c.task != "ablate":
+        return
+    _validate_source("data.train", c.data.train)  # the reference set, and kNN's bank
+    if {"knn", "linear"} & set(a.metrics):
+        _validate_source("data.val", c.data.val)
+    if "lost" in a.metrics and c.lost.dataset is not None and not os.path.exists(c.lost.dataset):
+        _fail("lost.dataset", f"no VOC folder, .json or .csv at {c.lost.dataset}; or null for generated images")
+
+
 def _validate_eval_sections(c: DictConfig) -> None:
     d = c.data
     if c.task in ("knn", "linear", "global"):
@@ -798,6 +822,7 @@ def _validate_eval_sections(c: DictConfig) -> None:
         _fail("ttr.neurons", f"no file at {ttr.neurons}: a register_neurons.json of task=register_neurons, or null")
     if c.compare is not None and not os.path.exists(c.compare):
         _fail("compare", f"no checkpoint at {c.compare}")
+    _validate_ablate(c)
     o = c.outliers
     if o.detector not in DETECTORS:
         _fail("outliers.detector", f"must be fixed, robust_z or valley, got {o.detector!r}")

@@ -115,3 +115,32 @@ def ttr_lines(r: dict) -> list[str]:
         row = "".join(f"{_num(r['metrics'][v].get(key), 4):>12}" for v in versions)
         lines.append(f"{key:<26}{row}")
     return lines
+
+
+# the columns of the ablation table, when measured (ablate.json holds every number)
+ABLATE_COLUMNS = (
+    ("knn_top1", "kNN"),
+    ("linear_top1", "linear"),
+    ("lost_corloc", "CorLoc"),
+    ("emergence_layer", "emerge"),
+    ("patch_outlier_fraction", "outl.frac"),
+    ("patch_norm_max", "norm max"),
+    ("cls_to_outliers", "cls->outl"),
+)
+
+
+def ablate_lines(r: dict) -> list[str]:
+    columns = [(key, name) for key, name in ABLATE_COLUMNS if key in r["baseline"]]
+    ref = r["reference"]
+    lines = [
+        f"{len(r['blocks'])} block(s) edited, statistics of {ref['reference_images']} reference images "
+        f"({ref['source']}); change vs baseline:",
+        f"{'target/replacement':<20}" + "".join(f"{name:>11}" for _, name in columns),
+        f"{'baseline (value)':<20}" + "".join(f"{_num(r['baseline'][key], 4):>11}" for key, _ in columns),
+    ]
+    for row in r["rows"]:
+        cells = "".join(
+            f"{'n/a' if row['change'][key] is None else format(row['change'][key], '+.3g'):>11}" for key, _ in columns
+        )
+        lines.append(f"{row['target'] + '/' + row['replacement']:<20}{cells}")
+    return lines + list(r["notes"])

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vitreg.eval.ablate import AblateSettings, run_ablate
 from vitreg.eval.compare import MetricInputs
 from vitreg.eval.knn import KNNSettings
 from vitreg.eval.linear import LinearProtocol
@@ -41,6 +42,7 @@ from vitreg.eval.runners import (
     run_register_neurons,
 )
 from vitreg.eval.summary import (
+    ablate_lines,
     global_lines,
     knn_lines,
     linear_lines,
@@ -87,6 +89,7 @@ class AnalyzeConfig:
     register_neurons: RegisterNeuronSettings = field(default_factory=RegisterNeuronSettings)
     ttr: TTRSettings = field(default_factory=TTRSettings)
     compare: str | None = None  # task=ttr: a checkpoint (e.g. trained with registers) measured beside
+    ablate: AblateSettings = field(default_factory=AblateSettings)
 
 
 def describe(loaded: LoadedBackbone, checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -149,11 +152,10 @@ class Evaluation:
 
 
 def metric_inputs(t: TaskContext) -> MetricInputs:
-    """The sections the comparisons' metrics read (``vitreg.eval.compare``)."""
+    """What ``vitreg.eval.compare``'s headline numbers read, from the analysis config."""
     c = t.cfg
-    return MetricInputs(
-        c.images, c.num_images, c.data, c.telemetry, c.knn, c.linear, c.lost, c.outliers, t.device, t.autocast, c.seed
-    )
+    sections = {key: getattr(c, key) for key in ("data", "telemetry", "knn", "linear", "lost", "outliers")}
+    return MetricInputs(c.images, c.num_images, **sections, device=t.device, autocast=t.autocast, seed=c.seed)
 
 
 def load_compare(t: TaskContext) -> LoadedBackbone | None:
@@ -236,6 +238,11 @@ EVALUATIONS: dict[str, Evaluation] = {
         lambda t: run_ttr(t.loaded, t.cfg.ttr, t.cfg.register_neurons, metric_inputs(t), t.out, load_compare(t)),
         ("ttr", "register_neurons", "compare", *METRIC_SECTIONS),
         ttr_lines,
+    ),
+    "ablate": Evaluation(
+        lambda t: run_ablate(t.loaded, metric_inputs(t), t.cfg.ablate, t.out),
+        ("ablate", *METRIC_SECTIONS),
+        ablate_lines,
     ),
 }
 # every task train/analyze.py runs: the telemetry report (vitreg.telemetry.analyze, one process) and the evaluations
