@@ -6,12 +6,13 @@ import json
 import math
 
 import pytest
+import torch
 
 from tests.telemetry.planted import IMG, planted_vit, probe_images
 from vitreg.data.probe import probe_tensor
 from vitreg.eval.register_neurons import RegisterNeuronSettings, find_register_neurons
 from vitreg.telemetry.measure import measure
-from vitreg.telemetry.neurons import top_k_overlap
+from vitreg.telemetry.neurons import scored_images, top_k_overlap
 from vitreg.telemetry.stats import TelemetrySettings
 from vitreg.telemetry.store import scalar_summary
 
@@ -40,6 +41,7 @@ def test_the_planted_neuron_tops_the_ratio_ranking(planted):
     assert section["outlier_fraction"] == pytest.approx(len(PATCHES) / 64)
     assert section["images_with_outliers"] == 6
     assert len(section["neurons"]) == 10 and section["overlap"] is None  # measure alone has no previous
+    assert section["images_scored"] == 6
     first, second = section["neurons"][:2]
     assert (first["layer"], first["neuron"]) == (5, 0)
     assert first["ratio"] > 1000 and first["ratio"] > 100 * second["ratio"]
@@ -104,3 +106,15 @@ def test_the_statistic_can_be_switched_off_and_its_settings_are_checked(probe):
         measure(model, probe[:2], IMG, TelemetrySettings(neuron_highest_layer=-13))
     with pytest.raises(ValueError, match=r"telemetry neuron_top_k must be an integer >= 1, got 0"):
         TelemetrySettings(neuron_top_k=0)
+
+
+def test_the_extra_pass_scores_the_first_images_with_outliers(probe):
+    has = torch.tensor([[False, False], [True, False], [False, True], [False, False], [True, True]])
+    assert scored_images(has, 2).tolist() == [1, 2]
+    assert scored_images(has, None).tolist() == [0, 1, 2, 3, 4]
+    record, _ = measure(planted_vit(0, patches=PATCHES, block=5), probe, IMG, TelemetrySettings(neuron_num_images=2))
+    section = record["register_neurons"]
+    assert section["images_scored"] == 2 and section["images_with_outliers"] == 6
+    assert keys(section)[0] == (5, 0)
+    with pytest.raises(ValueError, match=r"telemetry neuron_num_images must be an integer >= 1 or null"):
+        TelemetrySettings(neuron_num_images=0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -29,9 +29,9 @@ def measure(
     settings = settings or TelemetrySettings()
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
 
-    def chunks() -> Iterator[Tensor]:
-        for start in range(0, len(probe_images), settings.chunk_size):
-            yield probe_tensor(probe_images[start : start + settings.chunk_size], resolution).to(device)
+    def chunks(images: Tensor = probe_images) -> Iterator[Tensor]:
+        for start in range(0, len(images), settings.chunk_size):
+            yield probe_tensor(images[start : start + settings.chunk_size], resolution).to(device)
 
     was_training = backbone.training
     backbone.eval()
@@ -40,7 +40,8 @@ def measure(
         record, maps = compute_statistics(cap, settings)
         if settings.register_neurons:
             with torch.autocast(device.type, enabled=False):
-                record["register_neurons"] = register_neurons(backbone, chunks(), cap, record, settings)
+                scored = lambda rows: chunks(probe_images[rows])  # noqa: E731
+                record["register_neurons"] = register_neurons(backbone, scored, cap, record, settings)
     finally:
         backbone.train(was_training)
     record["resolution"] = resolution
@@ -48,7 +49,11 @@ def measure(
 
 
 def register_neurons(
-    backbone: nn.Module, chunks: Iterator[Tensor], cap: Capture, record: dict, settings: TelemetrySettings
+    backbone: nn.Module,
+    images: Callable[[Tensor], Iterator[Tensor]],
+    cap: Capture,
+    record: dict,
+    settings: TelemetrySettings,
 ) -> dict:
     """The register-neuron statistic of one measurement. The outlier positions are the headline detector's
     at block ``neuron_outlier_layer``'s output, from the norms and threshold this measurement already has
@@ -59,4 +64,6 @@ def register_neurons(
     threshold = record["outliers"][record["detector"]]["threshold"][layer]  # None: the detector found none
     norms = getattr(cap.layers[layer], f"{record['stream']}_norms")[:, cap.layout.patches_slice]
     outliers = norms > threshold if threshold is not None else torch.zeros_like(norms, dtype=torch.bool)
-    return register_neuron_record(backbone, chunks, outliers, outlier_block, highest, settings.neuron_top_k)
+    return register_neuron_record(
+        backbone, images, outliers, outlier_block, highest, settings.neuron_top_k, settings.neuron_num_images
+    )

@@ -13,7 +13,7 @@ Neurons are named by ``layer`` = the index of their block (0-based) and ``neuron
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -125,38 +125,51 @@ def top_k_overlap(current: list[dict], previous: list[dict] | None) -> float | N
     return len(now & before) / max(len(now), len(before))
 
 
+def scored_images(outliers: Tensor, limit: int | None) -> Tensor:
+    """Indices of the probe images the telemetry's neuron pass scores: every image (``limit`` None), or the
+    first ``limit`` that have outliers (the others add nothing at the outliers; this bounds the pass's cost)."""
+    if limit is None:
+        return torch.arange(outliers.shape[0])
+    return outliers.any(1).nonzero().flatten()[:limit]
+
+
 @torch.no_grad()
 def register_neuron_record(
     model: nn.Module,
-    images: Iterable[Tensor],
+    images: Callable[[Tensor], Iterable[Tensor]],
     outliers: Tensor,
     outlier_block: int,
     highest: int,
     top_k: int,
+    num_images: int | None = None,
 ) -> dict:
     """The telemetry statistic: the ``top_k`` neurons of blocks ``0..highest`` by ratio, for the patch-outlier
-    mask ``outliers`` (N, P) measured at block ``outlier_block``'s output. ``images`` yields the normalised
-    probe chunks (on the model's device) in the order of the mask's rows. ``overlap`` is left None: it needs
-    the previous measurement (``top_k_overlap``)."""
+    mask ``outliers`` (N, P) measured at block ``outlier_block``'s output, scored on ``scored_images``
+    (``num_images``). ``images(indices)`` yields those probe images normalised, in chunks, on the model's
+    device. ``overlap`` is left None: it needs the previous measurement (``top_k_overlap``)."""
+    rows = scored_images(outliers, num_images)
     record = {
         "outlier_layer": outlier_block,
         "highest_layer": highest,
         "top_k": top_k,
         "outlier_fraction": float(outliers.float().mean()),
         "images_with_outliers": int(outliers.any(1).sum()),
+        "images_scored": 0,
         "neurons": [],
         "overlap": None,
     }
     if not outliers.any():
         record["note"] = f"no outlier patch at block {outlier_block}: no register neurons"
         return record
+    mask = outliers[rows]
 
     def chunks():
         start = 0
-        for x in images:
-            yield x, outliers[start : start + x.shape[0]].to(x.device)
+        for x in images(rows):
+            yield x, mask[start : start + x.shape[0]].to(x.device)
             start += x.shape[0]
 
     activity = neuron_activity(model, chunks(), highest)
+    record["images_scored"] = activity.num_images
     record["neurons"] = top_neurons(activity, top_k, by="ratio")
     return record

@@ -48,6 +48,8 @@ class TelemetrySettings:
     neuron_top_k: int = 10  # neurons kept per measurement, by ratio (mean |act| at outliers / elsewhere)
     neuron_outlier_layer: int = -2  # block whose output's headline-detector outliers are the positions
     neuron_highest_layer: int | None = None  # last block searched; null: round(depth * 17 / 24)
+    # the extra pass scores the first this many probe images that have outliers (its cost); null: every image
+    neuron_num_images: int | None = 16
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
@@ -56,6 +58,9 @@ class TelemetrySettings:
             raise ValueError(f"telemetry detector must be one of {DETECTORS}, got {self.detector!r}")
         if isinstance(self.neuron_top_k, bool) or not isinstance(self.neuron_top_k, int) or self.neuron_top_k < 1:
             raise ValueError(f"telemetry neuron_top_k must be an integer >= 1, got {self.neuron_top_k!r}")
+        n = self.neuron_num_images
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"telemetry neuron_num_images must be an integer >= 1 or null (every image), got {n!r}")
         for key in ("neuron_outlier_layer", "neuron_highest_layer"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
