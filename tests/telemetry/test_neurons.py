@@ -118,3 +118,13 @@ def test_the_extra_pass_scores_the_first_images_with_outliers(probe):
     assert keys(section)[0] == (5, 0)
     with pytest.raises(ValueError, match=r"telemetry neuron_num_images must be an integer >= 1 or null"):
         TelemetrySettings(neuron_num_images=0)
+
+
+def test_the_outliers_are_those_at_the_named_blocks_output(probe):
+    """planted_vit's high norms start at block 5's output (telemetry layer 6): block 4's output has none."""
+    model = planted_vit(0, patches=PATCHES, block=5)
+    before, _ = measure(model, probe[:3], IMG, TelemetrySettings(neuron_outlier_layer=4))
+    assert before["register_neurons"]["neurons"] == [] and "block 4" in before["register_neurons"]["note"]
+    at, _ = measure(model, probe[:3], IMG, TelemetrySettings(neuron_outlier_layer=5))
+    assert at["register_neurons"]["outlier_fraction"] == pytest.approx(len(PATCHES) / 64)
+    assert keys(at["register_neurons"])[0] == (5, 0)
