@@ -5,6 +5,8 @@
 
 Reads each run's local telemetry (RUN_DIR/telemetry/, no W&B needed) and writes into --out:
 outlier_fraction_vs_step.png, emergence_layer_vs_step.png, layer_quantiles_last_step.png,
+register_neurons_vs_step.png (the best register neuron's ratio and the top-k overlap per step),
+locality_channels_vs_step.png (last-layer CLS-patch cosine and channel-outlier count per step),
 attention_maps.png (the same probe images across runs, last measured step of each) and
 sweep_summary.json. Runs are labelled by their register count (plus the directory when two runs
 share one). Exit code 1, with a message naming the directory, when a run has no telemetry.
@@ -21,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from vitreg.telemetry import plots
 from vitreg.telemetry.store import PROBE_IMAGES, read_maps, read_records, telemetry_dir
@@ -137,6 +140,77 @@ def plot_last_quantiles(runs: list[dict], model: str, resolution: int):
     return fig
 
 
+def neuron_series(records: list[dict]) -> dict[str, np.ndarray]:
+    """Per measured step: the register neurons' best ratio, its block and the top-k overlap (NaN: none;
+    records from before the statistic existed are left out)."""
+    with_neurons = [r for r in records if r.get("register_neurons") is not None]
+    best = [(r["register_neurons"]["neurons"] or [None])[0] for r in with_neurons]
+    return {
+        "steps": np.array([r["step"] for r in with_neurons]),
+        "top_ratio": figures.values([b["ratio"] if b else None for b in best]),
+        "top_layer": figures.values([b["layer"] if b else None for b in best]),
+        "overlap": figures.values([r["register_neurons"]["overlap"] for r in with_neurons]),
+    }
+
+
+def plot_register_neurons(runs: list[dict], model: str, resolution: int):
+    """Left: the best register neuron's ratio (mean |act| at outliers / elsewhere), labelled with its block;
+    right: the overlap of the top-k set with the previous measurement. None when no run has the statistic."""
+    series = [neuron_series(run["records"]) for run in runs]
+    if not any(s["steps"].size for s in series):
+        return None
+    fig = figures.new_figure(10.0, 3.6)
+    ratio_ax, overlap_ax = fig.subplots(1, 2)
+    for i, (run, s) in enumerate(zip(runs, series, strict=True)):
+        if not s["steps"].size:
+            continue
+        ratio_ax.plot(s["steps"], s["top_ratio"], "-o", ms=3, color=f"C{i}", label=run["label"])
+        last = np.flatnonzero(np.isfinite(s["top_layer"]))
+        if last.size:  # the block of the last measured best neuron
+            j = last[-1]
+            ratio_ax.annotate(
+                f"block {int(s['top_layer'][j])}", (s["steps"][j], s["top_ratio"][j]), fontsize=6, color=f"C{i}"
+            )
+        overlap_ax.plot(s["steps"], s["overlap"], "-o", ms=3, color=f"C{i}", label=run["label"])
+    ratio_ax.set_yscale("log")
+    ratio_ax.set_ylabel("best ratio (|act| at outliers / elsewhere)")
+    ratio_ax.set_title("top register neuron (gaps: no outliers)", fontsize=9)
+    overlap_ax.set_ylim(-0.05, 1.05)
+    overlap_ax.set_ylabel("top-k overlap with previous measurement")
+    overlap_ax.set_title("stability of the top-k neurons", fontsize=9)
+    for ax in (ratio_ax, overlap_ax):
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.25)
+    ratio_ax.legend(fontsize=7)
+    fig.suptitle(f"register neurons over training — {model}, {resolution}px", fontsize=9)
+    return fig
+
+
+def plot_locality_channels(runs: list[dict], model: str, resolution: int):
+    """The last layer's CLS-patch cosine (locality drift) and channel-outlier count over steps."""
+    fig = figures.new_figure(10.0, 3.6)
+    cosine_ax, channel_ax = fig.subplots(1, 2)
+    for i, run in enumerate(runs):
+        steps = [r["step"] for r in run["records"]]
+        cosine = figures.values([(r.get("cls_patch_cosine") or [None])[-1] for r in run["records"]])
+        channels = figures.values(
+            [((r.get("channel_outliers") or {}).get("count") or [None])[-1] for r in run["records"]]
+        )
+        cosine_ax.plot(steps, cosine, "-o", ms=3, color=f"C{i}", label=run["label"])
+        channel_ax.plot(steps, channels, "-o", ms=3, color=f"C{i}", label=run["label"])
+    cosine_ax.set_ylabel("mean cosine(CLS, patch), last layer")
+    cosine_ax.set_title("locality drift: CLS and patches alike", fontsize=9)
+    channel_ax.set_ylabel("channels with mean |x| > ratio x median")
+    channel_ax.set_title("channel outliers, last layer", fontsize=9)
+    channel_ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count of channels
+    for ax in (cosine_ax, channel_ax):
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.25)
+    cosine_ax.legend(fontsize=7)
+    fig.suptitle(f"last-layer locality and channel outliers — {model}, {resolution}px", fontsize=9)
+    return fig
+
+
 def plot_attention(runs: list[dict], num_images: int, max_registers: int, model: str, resolution: int):
     """Rows: the first probe images; columns: the image, each run's CLS attention, then each register
     run's register attention maps (at most ``max_registers`` per run), all at each run's last step."""
@@ -202,6 +276,16 @@ def run_summary(run: dict) -> dict:
         "emergence_layers": last["emergence_layer"],
         "emergence_layer_by_step": {str(r["step"]): r["emergence_layer"].get(run["detector"]) for r in run["records"]},
         "register_health": last.get("registers"),
+        "register_neurons_by_step": {
+            str(r["step"]): {
+                "top": (r["register_neurons"]["neurons"] or [None])[0],
+                "overlap": r["register_neurons"]["overlap"],
+            }
+            for r in run["records"]
+            if r.get("register_neurons") is not None
+        },
+        "cls_patch_cosine_by_step": {str(r["step"]): r["cls_patch_cosine"][-1] for r in run["records"]},
+        "channel_outliers_by_step": {str(r["step"]): r["channel_outliers"]["count"][-1] for r in run["records"]},
     }
 
 
@@ -275,7 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         figures.save(plot_outlier_fraction(runs, args.model, resolution), out / "outlier_fraction_vs_step.png"),
         figures.save(plot_emergence(runs, args.model, resolution), out / "emergence_layer_vs_step.png"),
         figures.save(plot_last_quantiles(runs, args.model, resolution), out / "layer_quantiles_last_step.png"),
+        figures.save(plot_locality_channels(runs, args.model, resolution), out / "locality_channels_vs_step.png"),
     ]
+    neurons = plot_register_neurons(runs, args.model, resolution)
+    if neurons is None:
+        print(
+            "warning: no run has register-neuron telemetry; register_neurons_vs_step.png not written", file=sys.stderr
+        )
+    else:
+        written.append(figures.save(neurons, out / "register_neurons_vs_step.png"))
     attention = plot_attention(runs, max(1, args.images), args.max_registers, args.model, resolution)
     if attention is None:
         print("warning: no run has attention maps; attention_maps.png not written", file=sys.stderr)

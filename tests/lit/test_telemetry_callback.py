@@ -27,6 +27,10 @@ def test_records_at_the_cadence_match_the_checkpoint_and_resume_continues(tmp_pa
             "callbacks.telemetry.every_n_steps=2",
             "callbacks.telemetry.models=[teacher,student]",
             "trainer.log_every_n_steps=1",
+            # a low robust z-score flags patches of the random tiny model, so register neurons are found
+            "callbacks.telemetry.detector=robust_z",
+            "callbacks.telemetry.robust_z=0.5",
+            "callbacks.telemetry.neuron_top_k=5",
         ],
         run_dir=run,
     )
@@ -35,6 +39,11 @@ def test_records_at_the_cadence_match_the_checkpoint_and_resume_continues(tmp_pa
     records = read_records(run)
     assert [(r["step"], r["model"]) for r in records] == [(s, m) for s in (0, 2, 4) for m in ("student", "teacher")]
     assert all(r["resolution"] == 28 and r["num_registers"] == 4 and r["num_images"] == 8 for r in records)
+    for r in records:  # 12 blocks: outliers at block 10, neurons of blocks 0..8, overlap with the step before
+        neurons = r["register_neurons"]
+        assert (neurons["outlier_layer"], neurons["highest_layer"]) == (10, 8) and len(neurons["neurons"]) == 5
+        assert all(0 <= n["layer"] <= 8 and n["ratio"] > 0 for n in neurons["neurons"])
+        assert (neurons["overlap"] is None) == (r["step"] == 0)
     maps = read_maps(run, 4, "teacher", 28)
     assert maps["norm"].shape == (4, 2, 2) and maps["register_attention"].shape == (4, 4, 2, 2)
 
@@ -53,13 +62,17 @@ def test_records_at_the_cadence_match_the_checkpoint_and_resume_continues(tmp_pa
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
     assert "telemetry/student/r28/layer12/outlier_frac" in rows[0]
     assert "telemetry/teacher/r28/registers/cosine_max" in rows[0]
+    assert rows[0]["telemetry/teacher/r28/register_neurons/top_ratio"]
+    assert [bool(r["telemetry/teacher/r28/register_neurons/overlap"]) for r in rows] == [False, True, True]
 
     probe_bytes = (run / "telemetry" / "probe_images.npz").read_bytes()
     with open_dict(cfg):
         cfg.trainer.max_steps = 6
     pretrain(cfg)
-    steps = sorted({r["step"] for r in read_records(run)})
-    assert steps == [0, 2, 4, 6]
+    resumed = read_records(run)
+    assert sorted({r["step"] for r in resumed}) == [0, 2, 4, 6]
+    # the resumed process compares with the measurements before the resume, read back from telemetry.jsonl
+    assert all(r["register_neurons"]["overlap"] is not None for r in resumed if r["step"] == 6)
     assert (run / "telemetry" / "probe_images.npz").read_bytes() == probe_bytes  # the same images after resume
 
 
@@ -254,3 +267,33 @@ def test_alerts_are_kept_in_the_checkpoint_and_not_repeated_after_resume(tmp_pat
         pretrain(cfg)
         assert [r["step"] for r in read_records(run)][-1] == 4
         assert not [r for r in caplog.records if "telemetry alert" in r.getMessage()]
+
+
+def test_neuron_overlap_compares_with_the_last_earlier_measurement_even_after_a_resume(tmp_path):
+    """The previous top-k set is the last earlier record of telemetry.jsonl: a new callback (a resumed run)
+    reads it back, and a step measured again after a resume compares with the measurement before it."""
+    from tests.telemetry.planted import IMG, planted_vit, probe_images
+    from vitreg.telemetry.store import TelemetryWriter
+
+    probe = probe_images(4)
+    here, _ = measure(planted_vit(0, patches=[3, 12, 40, 51], block=5), probe, IMG)
+    moved, _ = measure(planted_vit(0, patches=[3, 12, 40, 51], block=4), probe, IMG)
+    writer = TelemetryWriter(tmp_path / "telemetry")
+    for step, record in ((0, here), (10, moved)):
+        writer.write({**record, "step": step, "model": "teacher"})
+
+    callback = telemetry_callback(tmp_path)  # as a resumed run starts: history from the file
+    callback._ensure_probe()
+    assert [r["step"] for r in callback.history] == [0, 10]
+
+    def overlap(record: dict, step: int, model: str = "teacher") -> float | None:
+        again = {**record, "step": step, "model": model, "register_neurons": dict(record["register_neurons"])}
+        callback._neuron_overlap(again)
+        return again["register_neurons"]["overlap"]
+
+    top = {(n["layer"], n["neuron"]) for n in here["register_neurons"]["neurons"]}
+    other = {(n["layer"], n["neuron"]) for n in moved["register_neurons"]["neurons"]}
+    assert overlap(here, 20) == len(top & other) / 10 < 1.0  # step 20 follows step 10 (block 4 planted)
+    assert overlap(here, 10) == 1.0  # step 10 measured again after a resume: compared with step 0
+    assert overlap(here, 0) is None  # nothing before the first measurement
+    assert overlap(here, 20, model="student") is None  # another model has its own sequence

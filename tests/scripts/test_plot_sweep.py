@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ OUTPUTS = [
     "outlier_fraction_vs_step.png",
     "emergence_layer_vs_step.png",
     "layer_quantiles_last_step.png",
+    "register_neurons_vs_step.png",
+    "locality_channels_vs_step.png",
     "attention_maps.png",
     "sweep_summary.json",
 ]
@@ -61,6 +64,11 @@ def test_sweep_writes_every_plot(sweep, tmp_path):
         assert set(r["last_outlier_fractions"]) == {"fixed", "robust_z", "valley"}
         assert set(r["emergence_layers"]) == {"fixed", "robust_z", "valley"}
         assert isinstance(r["last_patch_outlier_fraction"], float)
+        assert (
+            list(r["cls_patch_cosine_by_step"]) == list(r["channel_outliers_by_step"]) == [str(s) for s in r["steps"]]
+        )
+        assert all(-1 <= c <= 1 for c in r["cls_patch_cosine_by_step"].values())
+        assert list(r["register_neurons_by_step"]) == [str(s) for s in r["steps"]]
 
 
 def test_dir_without_telemetry_fails_with_its_name(sweep, tmp_path, capsys):
@@ -90,3 +98,42 @@ def test_ambiguous_labels_name_the_dir():
     assert plot_sweep.run_labels(dirs, [0, 0, 4]) == ["R=0 (a)", "R=0 (b)", "R=4"]
     same_name = [Path("x/run"), Path("y/run")]
     assert plot_sweep.run_labels(same_name, [4, 4]) == ["R=4 (x/run)", "R=4 (y/run)"]
+
+
+def test_register_neuron_panel_follows_the_planted_neuron(tmp_path):
+    """A run whose planted register neuron (tests/telemetry/planted.py) stays in block 5, then moves to
+    block 4: the panel's series and the summary show the best neuron, its ratio and the top-k overlap."""
+    from tests.telemetry.planted import IMG, planted_vit, probe_images
+    from vitreg.telemetry.measure import measure
+    from vitreg.telemetry.neurons import top_k_overlap
+    from vitreg.telemetry.store import TelemetryWriter, read_records, telemetry_dir
+
+    plot_sweep = load_script()
+    probe = probe_images(3)
+    writer = TelemetryWriter(telemetry_dir(tmp_path / "run"))
+    previous = None
+    for step, block in ((0, 5), (10, 5), (20, 4)):
+        record, _ = measure(planted_vit(0, patches=[3, 12, 40, 51], block=block), probe, IMG)
+        neurons = record["register_neurons"]
+        neurons["overlap"] = top_k_overlap(neurons["neurons"], previous)  # as the training callback sets it
+        previous = neurons["neurons"]
+        writer.write({**record, "step": step, "model": "teacher"})
+    records = read_records(tmp_path / "run")
+    series = plot_sweep.neuron_series(records)
+    assert series["steps"].tolist() == [0, 10, 20] and series["top_layer"].tolist() == [5, 5, 4]
+    assert (series["top_ratio"] > 1000).all()
+    assert math.isnan(series["overlap"][0]) and series["overlap"][1] == 1.0 and 0 <= series["overlap"][2] < 1
+
+    out = tmp_path / "plots"
+    assert plot_sweep.main([str(tmp_path / "run"), "--out", str(out)]) == 0
+    with Image.open(out / "register_neurons_vs_step.png") as img:
+        assert img.width >= 600 and img.height >= 200
+    (run,) = json.loads((out / "sweep_summary.json").read_text())["runs"]
+    by_step = run["register_neurons_by_step"]
+    assert [(v["top"]["layer"], v["top"]["neuron"]) for v in by_step.values()] == [(5, 0), (5, 0), (4, 0)]
+    assert [v["overlap"] for v in by_step.values()][:2] == [None, 1.0]
+
+    # records from before the statistic existed: no panel, a warning, the other plots as before
+    for record in records:
+        del record["register_neurons"]
+    assert plot_sweep.plot_register_neurons([{"records": records, "label": "R=0"}], "teacher", IMG) is None

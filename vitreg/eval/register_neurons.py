@@ -23,9 +23,7 @@ from torch import Tensor, nn
 
 from vitreg.eval.token_probes import outlier_threshold
 from vitreg.telemetry.detectors import DETECTORS
-
-# The paper's DINOv2-L (24 blocks) setting searches blocks 0..17; other depths keep the proportion.
-PAPER_DEPTH, PAPER_HIGHEST = 24, 17
+from vitreg.telemetry.neurons import neuron_activity, resolve_highest_block, top_neurons
 
 
 @dataclass
@@ -48,16 +46,14 @@ class RegisterNeuronSettings:
 
 
 def highest_block(model: nn.Module, settings: RegisterNeuronSettings) -> int:
-    if settings.highest_layer is None:
-        return min(model.n_blocks - 1, round(model.n_blocks * PAPER_HIGHEST / PAPER_DEPTH))
-    return model.resolve_block(settings.highest_layer, "register_neurons.highest_layer")
+    return resolve_highest_block(model, settings.highest_layer, "register_neurons.highest_layer")
 
 
 @torch.no_grad()
 def find_register_neurons(model: nn.Module, images: Tensor, settings: RegisterNeuronSettings | None = None) -> dict:
     """Algorithm 1 on normalised ``images`` (N, 3, H, W) (see the module docstring). Returns the threshold,
     the outlier statistics and ``neurons``: ``[{"layer": block, "neuron": index, "score", "ratio"}, ...]``,
-    best first (empty when no image has an outlier)."""
+    best first (empty when no image has an outlier). The scoring is ``vitreg.telemetry.neurons``'s."""
     s = settings or RegisterNeuronSettings()
     outlier_block = model.resolve_block(s.outlier_layer, "register_neurons.outlier_layer")
     highest = highest_block(model, s)
@@ -77,28 +73,11 @@ def find_register_neurons(model: nn.Module, images: Tensor, settings: RegisterNe
         )  # (N, P)
         threshold = outlier_threshold(norms, s.detector, cutoff=s.fixed_cutoff)
         outliers = norms > threshold
-        at_outliers = elsewhere = small = None  # (blocks, hidden), sized at the first FFN seen
-        images_with_outliers, tokens_seen, start = 0, 0, 0
-        for x in images.split(s.batch_size):
-            mask = outliers[start : start + x.shape[0]].to(device)  # (B, P)
-            start += x.shape[0]
-            has = mask.any(1)
-            # the mean over an image's outliers: a zero row for an image without any, so it adds nothing below
-            at = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)
-            normal = (~mask).float() / (~mask).sum(1, keepdim=True).clamp(min=1)
-            for layer in model.iter_layers(x.to(device), mlp=True, upto=highest + 1):
-                if layer.index == 0:
-                    continue
-                acts = patches(layer.mlp_hidden).float().abs()  # (B, P, hidden): one block at a time
-                if at_outliers is None:
-                    at_outliers = torch.zeros(highest + 1, acts.shape[-1])
-                    elsewhere, small = torch.zeros_like(at_outliers), torch.zeros_like(at_outliers)
-                block = layer.index - 1
-                at_outliers[block] += torch.einsum("bp,bph->h", at, acts).cpu()
-                elsewhere[block] += torch.einsum("bp,bph->h", normal, acts).cpu()
-                small[block] += (acts < 0.5).float().sum((0, 1)).cpu()
-            images_with_outliers += int(has.sum())
-            tokens_seen += mask.numel()
+        chunks = (
+            (x.to(device), mask.to(device))
+            for x, mask in zip(images.split(s.batch_size), outliers.split(s.batch_size), strict=True)
+        )
+        activity = neuron_activity(model, chunks, highest)
     finally:
         model.train(was_training)
     result = {
@@ -107,26 +86,10 @@ def find_register_neurons(model: nn.Module, images: Tensor, settings: RegisterNe
         "detector": s.detector,
         "threshold": float(threshold),
         "outlier_fraction": float(outliers.float().mean()),
-        "images_with_outliers": images_with_outliers,
+        "images_with_outliers": activity.images_with_outliers,
         "num_images": int(images.shape[0]),
-        "neurons": [],
+        "neurons": top_neurons(activity, s.top_k, by="score", sparse_only=s.sparse_only),
     }
-    if not images_with_outliers:
+    if not activity.images_with_outliers:
         result["note"] = f"no patch above the {s.detector} threshold at block {outlier_block}: no register neurons"
-        return result
-    score = at_outliers / images_with_outliers
-    ratio = score / (elsewhere / images.shape[0]).clamp(min=1e-12)
-    if s.sparse_only:
-        score = torch.where(small / tokens_seen >= 0.5, score, torch.full_like(score, -1.0))
-    top = score.flatten().topk(min(s.top_k, int((score >= 0).sum()))).indices
-    width = score.shape[1]
-    result["neurons"] = [
-        {
-            "layer": int(i) // width,
-            "neuron": int(i) % width,
-            "score": float(score.flatten()[i]),
-            "ratio": float(ratio.flatten()[i]),
-        }
-        for i in top
-    ]
     return result

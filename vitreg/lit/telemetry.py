@@ -16,6 +16,7 @@ from vitreg.data.probe import image_probe, load_probe, save_probe, synthetic_pro
 from vitreg.lit.strategies import is_sharded, unsharded_copy
 from vitreg.telemetry.alerts import due_alerts
 from vitreg.telemetry.measure import measure
+from vitreg.telemetry.neurons import top_k_overlap
 from vitreg.telemetry.store import PROBE_IMAGES, TelemetryWriter, read_records, scalar_summary
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class ArtifactTelemetry(L.Callback):
             for res in self.resolutions:
                 record, maps = measure(backbone, probe, res, self.t, device=module.device)
                 record.update(step=step, model=model)
+                self._neuron_overlap(record)
                 assert self.writer is not None
                 self.writer.write(record, maps)
                 self.history = [
@@ -135,6 +137,23 @@ class ArtifactTelemetry(L.Callback):
         self.seconds += elapsed
         log.debug("telemetry at step %d took %.2fs", step, elapsed)
         return records
+
+    def _neuron_overlap(self, record: dict) -> None:
+        """Set the register neurons' ``overlap`` with the last earlier measurement of the same model and
+        resolution. ``history`` is read back from telemetry.jsonl, so a resumed run compares with the
+        measurement before the resume; a step measured again after a resume compares with the one before it."""
+        neurons = record.get("register_neurons")
+        if neurons is None:
+            return
+        earlier = [
+            r
+            for r in self.history
+            if (r["model"], r["resolution"]) == (record["model"], record["resolution"])
+            and r["step"] < record["step"]
+            and r.get("register_neurons") is not None
+        ]
+        previous = max(earlier, key=lambda r: r["step"])["register_neurons"]["neurons"] if earlier else None
+        neurons["overlap"] = top_k_overlap(neurons["neurons"], previous)
 
     def _alert(self, trainer: L.Trainer, record: dict) -> None:
         """A log warning and a W&B alert for each condition that holds for the first time in this run."""

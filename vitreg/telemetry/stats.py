@@ -43,12 +43,30 @@ class TelemetrySettings:
     channel_outlier_ratio: float = 10.0
     num_maps: int = 4  # probe images whose per-patch maps are kept for pictures
     chunk_size: int = 16  # images per probe forward (bounds the recomputed attention's memory)
+    # register neurons (Jiang et al. 2025): FFN units firing at the outliers, found by one extra probe pass
+    register_neurons: bool = True
+    neuron_top_k: int = 10  # neurons kept per measurement, by ratio (mean |act| at outliers / elsewhere)
+    neuron_outlier_layer: int = -2  # block whose output's headline-detector outliers are the positions
+    neuron_highest_layer: int | None = None  # last block searched; null: round(depth * 17 / 24)
+    # the extra pass scores the first this many probe images that have outliers (its cost); null: every image
+    neuron_num_images: int | None = 16
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
             raise ValueError(f"telemetry stream must be prenorm or postnorm, got {self.stream!r}")
         if self.detector not in DETECTORS:
             raise ValueError(f"telemetry detector must be one of {DETECTORS}, got {self.detector!r}")
+        if isinstance(self.neuron_top_k, bool) or not isinstance(self.neuron_top_k, int) or self.neuron_top_k < 1:
+            raise ValueError(f"telemetry neuron_top_k must be an integer >= 1, got {self.neuron_top_k!r}")
+        n = self.neuron_num_images
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"telemetry neuron_num_images must be an integer >= 1 or null (every image), got {n!r}")
+        for key in ("neuron_outlier_layer", "neuron_highest_layer"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(
+                    f"telemetry {key} must be a block index (0..depth-1, or -1..-depth from the end), got {value!r}"
+                )
 
     @property
     def detectors(self) -> DetectorSettings:

@@ -118,8 +118,9 @@ def scalar_summary(record: dict, prefix: str) -> dict[str, float]:
 
     Last-layer norms and outlier fractions of every detector, the emergence layer per detector, the
     headline detector's outlier fraction and p99 norm per layer, last-block attention, register
-    health and redundancy. The emergence layer is ``NO_EMERGENCE`` (-1) while there is none; other
-    missing values (no registers, no outliers) are left out."""
+    health, redundancy, and the register neurons' best ratio, its block and the top-k overlap. The
+    emergence layer is ``NO_EMERGENCE`` (-1) while there is none; other missing values (no registers,
+    no outliers, no earlier measurement to overlap with) are left out."""
     out: dict[str, float] = {}
     stream = record["stream"]
     norms = record["norms"]
@@ -146,6 +147,15 @@ def scalar_summary(record: dict, prefix: str) -> dict[str, float]:
     for key, value in record["redundancy"].items():
         if _finite(value):
             out[f"{prefix}/redundancy/{key}"] = value
+    neurons = record.get("register_neurons")
+    if neurons:
+        if neurons["neurons"]:
+            best = neurons["neurons"][0]  # the highest ratio
+            out[f"{prefix}/register_neurons/top_ratio"] = best["ratio"]
+            out[f"{prefix}/register_neurons/top_score"] = best["score"]
+            out[f"{prefix}/register_neurons/top_layer"] = best["layer"]
+        if _finite(neurons.get("overlap")):
+            out[f"{prefix}/register_neurons/overlap"] = neurons["overlap"]
     registers = record.get("registers")
     if registers:
         for key in ("cosine_max", "cosine_mean", "param_cosine_max"):
