@@ -679,6 +679,17 @@ def _validate_telemetry(c: DictConfig) -> None:
             "callbacks.telemetry.alert_outlier_fraction",
             f"must be in (0, 1] or null (no outlier-fraction alert), got {t.alert_outlier_fraction}",
         )
+    if t.neuron_top_k < 1:
+        _fail("callbacks.telemetry.neuron_top_k", f"must be >= 1, got {t.neuron_top_k}")
+    if t.neuron_num_images is not None and t.neuron_num_images < 1:
+        _fail("callbacks.telemetry.neuron_num_images", f"must be >= 1 or null (every image), got {t.neuron_num_images}")
+    depth = c.model.get("depth") or VIT_SIZES.get(c.model.arch, {}).get("depth")
+    for key in ("neuron_outlier_layer", "neuron_highest_layer"):
+        block = t[key]
+        if depth is not None and block is not None and not -depth <= block < depth:
+            _fail(
+                f"callbacks.telemetry.{key}", f"{block} is out of range for a {depth}-block model; use 0..{depth - 1}"
+            )
 
 
 def _validate_trainer(c: DictConfig) -> None:
