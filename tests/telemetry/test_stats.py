@@ -253,3 +253,21 @@ def test_cls_patch_cosine_is_the_output_cosine_and_a_planted_channel_is_found():
     assert planted["channel_outliers"]["count"] == [1, 1, 1]
     assert planted["channel_outliers"]["last_layer_channels"] == [7]
     assert min(planted["channel_outliers"]["max_ratio"]) > 10
+
+
+def test_zeroed_registers_do_not_move_the_patch_thresholds():
+    # an ablation that zeroes the registers leaves tokens of norm 0; they are no population to fit
+    model = planted_vit(num_registers=4, patches=[3, 12, 40, 51], block=5)
+    images = probe_images(8)
+    plain, _ = measure(model, images, IMG, TelemetrySettings(attention=False, register_neurons=False))
+
+    def zero_registers(tokens):
+        out = tokens.clone()
+        out[:, model.layout.registers_slice] = 0
+        return out
+
+    with model.edit(outputs={b: zero_registers for b in range(model.n_blocks)}):
+        ablated, _ = measure(model, images, IMG, TelemetrySettings(attention=False, register_neurons=False))
+    for detector in ("valley", "robust_z"):
+        assert ablated["outliers"][detector]["patch_fraction"][-1] == pytest.approx(4 / 64)
+        assert plain["outliers"][detector]["patch_fraction"][-1] == pytest.approx(4 / 64)

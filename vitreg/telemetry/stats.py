@@ -124,6 +124,8 @@ def _outliers(cap: Capture, s: TelemetrySettings) -> tuple[dict, dict[str, list[
     for layer in cap.layers:
         norms = getattr(layer, f"{s.stream}_norms")
         pooled = norms[:, 1:]  # patches and registers, not CLS; the patches are the normal population
+        # tokens of norm 0 (registers zeroed by an ablation) are no population: they would stretch the log-norm fit
+        pooled = pooled[pooled > 0] if bool((pooled == 0).any()) else pooled
         for name, thr in thresholds(pooled, s.detectors, bulk=norms[:, patch]).items():
             patch_mask = norms[:, patch] > thr
             masks[name].append(patch_mask)
