@@ -25,6 +25,13 @@ def shrunk_vitt(monkeypatch):
     monkeypatch.setitem(VIT_SIZES, "vitt", ASSET_VITT)
 
 
+def same_as_recorded(actual: torch.Tensor, recorded: torch.Tensor) -> None:
+    """Bitwise on the machine that wrote the asset. Another CPU's kernels may round the last bit differently
+    (1.2e-7 on the student CLS on a 2-core AMD EPYC), so a few ulps are allowed: far below any change of
+    computation, which moves these O(1) values by 1e-3 or more."""
+    torch.testing.assert_close(actual, recorded, rtol=0, atol=1e-6)
+
+
 def load_old_backbone(which: str):
     from vitreg.models.load import load_backbone
 
@@ -38,10 +45,10 @@ def test_the_old_backbones_compute_what_they_computed(shrunk_vitt):
     assert teacher.model.num_register_tokens == 2
     with torch.no_grad():
         out = teacher.model.forward_features(expected["images"])
-        assert torch.equal(out["x_norm_clstoken"], expected["teacher_cls"])
-        assert torch.equal(out["x_norm_patchtokens"], expected["teacher_patches"])
-        assert torch.equal(out["x_norm_regtokens"], expected["teacher_registers"])
-        assert torch.equal(student.model(expected["images"]), expected["student_cls"])
+        same_as_recorded(out["x_norm_clstoken"], expected["teacher_cls"])
+        same_as_recorded(out["x_norm_patchtokens"], expected["teacher_patches"])
+        same_as_recorded(out["x_norm_regtokens"], expected["teacher_registers"])
+        same_as_recorded(student.model(expected["images"]), expected["student_cls"])
 
 
 def test_the_old_checkpoint_exports_to_timm(shrunk_vitt, tmp_path):
@@ -74,4 +81,4 @@ def test_a_run_resumes_from_the_old_checkpoint(shrunk_vitt, tmp_path):
     expected = load_file(ASSET / "expected.safetensors")
     teacher = load_backbone(run_dir / "checkpoints" / "last.ckpt", "teacher").model
     with torch.no_grad():
-        assert torch.equal(teacher(expected["images"]), expected["resumed_teacher_cls"])
+        same_as_recorded(teacher(expected["images"]), expected["resumed_teacher_cls"])
