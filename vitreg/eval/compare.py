@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitreg.data.probe import image_probe, synthetic_probe
 from vitreg.eval.knn import KNNSettings
 from vitreg.eval.linear import LinearProtocol
 from vitreg.eval.lost import LostSettings
-from vitreg.eval.runners import EvalDataConfig, eval_resolution, run_knn, run_linear, run_local, run_lost
+from vitreg.eval.runners import EvalDataConfig, raw_probe_images, run_knn, run_linear, run_local, run_lost
 from vitreg.eval.token_probes import OutlierProbeSettings
 from vitreg.models.load import LoadedBackbone
 from vitreg.telemetry.measure import measure
@@ -58,13 +57,8 @@ def check_metrics(metrics: Sequence[str], key: str) -> list[str]:
 
 
 def raw_probe(loaded: LoadedBackbone, inputs: MetricInputs) -> tuple[torch.Tensor, int]:
-    """The uint8 probe images (N, 3, R, R) of the label-free metrics, at the evaluation resolution."""
-    resolution = eval_resolution(inputs.data.resolution, loaded)
-    if inputs.images is None:
-        raw = synthetic_probe(inputs.num_images, image_size=resolution, seed=inputs.seed, size=resolution)
-    else:
-        raw = image_probe(inputs.images, inputs.num_images, resolution)
-    return raw, resolution
+    """The uint8 probe images of the label-free metrics, at ``loaded``'s evaluation resolution."""
+    return raw_probe_images(loaded, inputs.images, inputs.num_images, inputs.data.resolution, inputs.seed)
 
 
 def telemetry_numbers(record: dict) -> dict[str, Any]:

@@ -182,17 +182,23 @@ def run_lost(
 
 
 # ---------------------------------------------------------------- outlier tokens and occlusion
-def probe_images(
+def raw_probe_images(
     loaded: LoadedBackbone, images: str | None, num_images: int, resolution: int | None, seed: int
 ) -> tuple[torch.Tensor, int]:
-    """Normalised (N, 3, R, R) images of the label-free analyses: the first ``num_images`` of a folder,
-    shards or an image, or held-out synthetic images — the same inputs as the telemetry report."""
+    """The uint8 (N, 3, R, R) images of the label-free analyses, at the evaluation resolution: the first
+    ``num_images`` of a folder, shards or an image, or held-out synthetic images — the telemetry's inputs."""
 
     resolution = eval_resolution(resolution, loaded)
     if images is None:
-        raw = synthetic_probe(num_images, image_size=resolution, seed=seed, size=resolution)
-    else:
-        raw = image_probe(images, num_images, resolution)
+        return synthetic_probe(num_images, image_size=resolution, seed=seed, size=resolution), resolution
+    return image_probe(images, num_images, resolution), resolution
+
+
+def probe_images(
+    loaded: LoadedBackbone, images: str | None, num_images: int, resolution: int | None, seed: int
+) -> tuple[torch.Tensor, int]:
+    """``raw_probe_images`` normalised for the backbone (float, ImageNet mean and std)."""
+    raw, resolution = raw_probe_images(loaded, images, num_images, resolution, seed)
     return probe_tensor(raw, resolution), resolution
 
 

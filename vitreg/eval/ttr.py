@@ -70,11 +70,10 @@ def run_ttr(
 ) -> dict:
     """The plain model, its TTR version and ``compare`` measured alike; the picture goes to ``<out>/ttr.png``."""
     out = Path(out_dir)
+    raw, resolution = raw_probe(loaded, inputs)  # the detection's images and the picture's
     if settings.neurons is not None:
         neurons, found = read_neurons(settings.neurons), {"from": str(settings.neurons)}
     else:
-        raw, _ = raw_probe(loaded, inputs)
-        resolution = raw.shape[-1]
         found = find_register_neurons(loaded.model, probe_tensor(raw, resolution).to(inputs.device), detection)
         neurons = found.pop("neurons")
     ttr = TestTimeRegisters.from_backbone(loaded.model, neurons, settings.model_settings)
@@ -94,7 +93,6 @@ def run_ttr(
         result["note"] = "no register neurons: the TTR model is the plain one (no token added)"
     main = rank_and_world()[0] == 0
     if main and "telemetry" in settings.metrics:
-        raw, _ = raw_probe(loaded, inputs)
         result["plot"] = str(plot_ttr(maps, raw, out / "ttr.png"))
     if main and settings.export:
         exported = export_backbone(

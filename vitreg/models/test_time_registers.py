@@ -130,11 +130,7 @@ class TestTimeRegisters(VisionTransformer):
 
     def forward_features_list(self, xs: list[Tensor], masks: list[Tensor | None] | None = None) -> list[dict]:
         """Each batch on its own: neuron edits need one batch per forward (no packing)."""
-        if not xs:
-            raise ValueError("forward_features_list needs at least one batch of images")
-        masks = [None] * len(xs) if masks is None else list(masks)
-        if len(masks) != len(xs):
-            raise ValueError(f"got {len(xs)} image batches but {len(masks)} masks; pass one per batch (or None)")
+        masks = self._masks_per_batch(xs, masks)
         return [self.forward_features(x, m) for x, m in zip(xs, masks, strict=True)]
 
     def _mover(self, units: list[int]):

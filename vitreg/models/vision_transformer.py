@@ -179,11 +179,7 @@ class VisionTransformer(nn.Module):
         Tokens of all batches are packed so norms, projections and FFNs run once; attention runs
         once per batch. Outputs equal running each batch separately (up to float rounding).
         """
-        if not xs:
-            raise ValueError("forward_features_list needs at least one batch of images")
-        masks = [None] * len(xs) if masks is None else list(masks)
-        if len(masks) != len(xs):
-            raise ValueError(f"got {len(xs)} image batches but {len(masks)} masks; pass one per batch (or None)")
+        masks = self._masks_per_batch(xs, masks)
         per_batch = [self.prepare_tokens_with_masks(x, m) for x, m in zip(xs, masks, strict=True)]
         groups = [(t.shape[0], t.shape[1]) for t in per_batch]
         packed = torch.cat([t.reshape(-1, self.embed_dim) for t in per_batch])
@@ -191,6 +187,16 @@ class VisionTransformer(nn.Module):
             packed = blk(packed, groups)
         outs = packed.split([b * n for b, n in groups])
         return [self._split_outputs(out.view(b, n, -1), m) for out, (b, n), m in zip(outs, groups, masks, strict=True)]
+
+    @staticmethod
+    def _masks_per_batch(xs: list[Tensor], masks: list[Tensor | None] | None) -> list[Tensor | None]:
+        """One mask (or None) per batch of a multi-crop list, checked."""
+        if not xs:
+            raise ValueError("forward_features_list needs at least one batch of images")
+        masks = [None] * len(xs) if masks is None else list(masks)
+        if len(masks) != len(xs):
+            raise ValueError(f"got {len(xs)} image batches but {len(masks)} masks; pass one per batch (or None)")
+        return masks
 
     def forward(
         self, x: Tensor | list[Tensor], masks: Tensor | list | None = None, is_training: bool = False
